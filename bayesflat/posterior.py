@@ -1,0 +1,310 @@
+"""The sampling target: model, likelihood, prior, dataset size and temperature.
+
+Everything in bayesflat works in *mean-loss units*. For a dataset of ``N`` examples and a
+minibatch ``B`` the potential is
+
+.. math::
+
+    L_B(\\theta) = \\frac{1}{|B|} \\sum_{i \\in B} -\\log p(y_i \\mid x_i, \\theta)
+                   - \\frac{1}{N} \\log p(\\theta),
+
+and the tempered posterior is :math:`\\pi_T(\\theta) \\propto \\exp(-N L(\\theta) / T)`.
+:class:`Posterior` is the only place that knows how ``N``, ``T`` and the prior enter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CategoricalLikelihood",
+    "FlatPrior",
+    "GaussianLikelihood",
+    "GaussianPrior",
+    "Likelihood",
+    "Posterior",
+    "Prior",
+    "validate_num_data",
+    "validate_temperature",
+]
+
+
+def validate_num_data(num_data: object) -> int:
+    """Return ``num_data`` as an ``int`` after checking it is a positive integer.
+
+    Raises
+    ------
+    ValueError
+        If ``num_data`` is not a positive integer (bools and non-integral floats are refused).
+    """
+    if isinstance(num_data, bool) or not isinstance(num_data, int | float):
+        raise ValueError(
+            f"num_data must be a positive integer (the training-set size N), got {num_data!r}"
+        )
+    if isinstance(num_data, float) and not num_data.is_integer():
+        raise ValueError(f"num_data must be a positive integer, got the non-integral {num_data!r}")
+    if num_data < 1:
+        raise ValueError(f"num_data must be a positive integer (N >= 1), got {num_data!r}")
+    return int(num_data)
+
+
+def validate_temperature(temperature: object) -> float:
+    """Return ``temperature`` as a ``float`` after checking ``0 <= T < inf``.
+
+    Raises
+    ------
+    ValueError
+        If ``temperature`` is negative, NaN, infinite or not a number.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (1 = Bayes posterior), got {temperature!r}"
+        )
+    t = float(temperature)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (1 = Bayes posterior, 0 = optimiser), "
+            f"got {temperature!r}"
+        )
+    return t
+
+
+class Likelihood:
+    """Per-example negative log-likelihood, in nats.
+
+    Subclasses implement :meth:`nll`, returning ``-log p(y_i | f_i)`` per example.
+    """
+
+    name = "likelihood"
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example negative log-likelihood, shape ``(batch,)``, in nats."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, object]:
+        """Settings recorded in the trace attributes."""
+        return {"likelihood": self.name}
+
+
+class CategoricalLikelihood(Likelihood):
+    """Categorical likelihood on logits: ``-log softmax(f)_y`` (cross-entropy, nats)."""
+
+    name = "categorical"
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+
+class GaussianLikelihood(Likelihood):
+    """Gaussian likelihood with fixed noise scale ``s``.
+
+    ``-log p(y | f) = (y - f)^2 / (2 s^2) + log(2 pi s^2) / 2`` summed over output dimensions.
+
+    Parameters
+    ----------
+    noise_std : float
+        Observation noise standard deviation ``s`` (> 0), in the units of ``y``.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, noise_std: float = 1.0) -> None:
+        if not (isinstance(noise_std, int | float) and noise_std > 0 and math.isfinite(noise_std)):
+            raise ValueError(f"noise_std must be a finite number > 0, got {noise_std!r}")
+        self.noise_std = float(noise_std)
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        targets = targets.reshape(outputs.shape).to(outputs.dtype)
+        var = self.noise_std**2
+        sq = (outputs - targets).pow(2) / (2.0 * var) + 0.5 * math.log(2.0 * math.pi * var)
+        return sq.reshape(sq.shape[0], -1).sum(dim=1)
+
+    def config(self) -> dict[str, object]:
+        return {"likelihood": self.name, "noise_std": self.noise_std}
+
+
+class Prior:
+    """Prior over the parameters; :meth:`neg_log_prob` returns ``-log p(theta)`` (nats)."""
+
+    name = "prior"
+
+    def neg_log_prob(self, named_params: Mapping[str, Tensor]) -> Tensor | None:
+        """``-log p(theta)`` up to an additive constant, or ``None`` for a flat prior."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, object]:
+        """Settings recorded in the trace attributes."""
+        return {"prior": self.name}
+
+
+class FlatPrior(Prior):
+    """Improper flat prior: contributes nothing to the potential."""
+
+    name = "flat"
+
+    def neg_log_prob(self, named_params: Mapping[str, Tensor]) -> Tensor | None:
+        return None
+
+
+class GaussianPrior(Prior):
+    """Isotropic Gaussian prior ``N(0, s^2 I)``, with optional per-parameter scales.
+
+    ``-log p(theta) = sum_j theta_j^2 / (2 s_j^2)`` (constants dropped). In mean-loss units
+    the gradient contribution is ``theta / (N s^2)``: weight decay ``1 / (N s^2)``.
+
+    Parameters
+    ----------
+    scale : float
+        Prior standard deviation ``s`` (> 0) for every parameter not named in ``scales``.
+    scales : mapping of str to float, optional
+        Per-parameter standard deviations keyed by parameter name (``model.named_parameters``)
+        or by a name prefix (``"fc1."``); the longest matching key wins.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, scale: float = 1.0, scales: Mapping[str, float] | None = None) -> None:
+        self.scale = self._check(scale, "scale")
+        self.scales = {k: self._check(v, f"scales[{k!r}]") for k, v in (scales or {}).items()}
+
+    @staticmethod
+    def _check(value: object, argname: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"prior {argname} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"prior {argname} must be a finite number > 0, got {value!r}")
+        return float(value)
+
+    def scale_for(self, name: str) -> float:
+        """Prior standard deviation used for parameter ``name``."""
+        best, best_len = self.scale, -1
+        for key, value in self.scales.items():
+            if (name == key or name.startswith(key)) and len(key) > best_len:
+                best, best_len = value, len(key)
+        return best
+
+    def neg_log_prob(self, named_params: Mapping[str, Tensor]) -> Tensor | None:
+        terms = [
+            p.pow(2).sum() / (2.0 * self.scale_for(name) ** 2) for name, p in named_params.items()
+        ]
+        if not terms:
+            return None
+        return torch.stack(terms).sum()
+
+    def config(self) -> dict[str, object]:
+        return {"prior": self.name, "prior_scale": self.scale, "prior_scales": dict(self.scales)}
+
+
+_LIKELIHOODS: dict[str, Callable[[], Likelihood]] = {
+    "categorical": CategoricalLikelihood,
+    "gaussian": GaussianLikelihood,
+}
+
+
+def _resolve_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if isinstance(likelihood, str) and likelihood in _LIKELIHOODS:
+        return _LIKELIHOODS[likelihood]()
+    raise ValueError(
+        f"likelihood must be one of {sorted(_LIKELIHOODS)} or a Likelihood instance, "
+        f"got {likelihood!r}"
+    )
+
+
+def _resolve_prior(prior: Prior | float | None) -> Prior:
+    if isinstance(prior, Prior):
+        return prior
+    if prior is None:
+        return FlatPrior()
+    if isinstance(prior, int | float) and not isinstance(prior, bool):
+        return GaussianPrior(scale=float(prior))
+    raise ValueError(
+        f"prior must be a Prior, a positive number (Gaussian prior scale) or None (flat), "
+        f"got {prior!r}"
+    )
+
+
+@dataclass
+class Posterior:
+    """Tempered posterior of a model: ``pi_T(theta) ∝ exp(-N L(theta) / T)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network ``f_theta``; its trainable parameters are ``theta``.
+    num_data : int
+        Training-set size ``N`` (positive integer). Sets the weight of the prior and the
+        Langevin noise ``sqrt(2 lr T / N)``.
+    temperature : float, default 1.0
+        ``T >= 0``. ``1`` is the Bayes posterior, ``< 1`` a cold posterior, ``0`` the MAP problem.
+    likelihood : str or Likelihood, default "categorical"
+        ``"categorical"`` (logits, classification) or ``"gaussian"`` (regression, unit noise),
+        or a :class:`Likelihood` instance.
+    prior : Prior, float or None, default 1.0
+        A :class:`Prior`; a number is the scale of an isotropic Gaussian prior; ``None`` is flat.
+
+    Notes
+    -----
+    The minibatch potential in mean-loss units is
+    ``L_B = mean_{i in B} NLL_i - log p(theta) / N``; its gradient is an unbiased estimate of
+    ``grad U / N`` with ``U = sum_i NLL_i - log p(theta)``.
+    """
+
+    model: nn.Module
+    num_data: int
+    temperature: float = 1.0
+    likelihood: str | Likelihood = "categorical"
+    prior: Prior | float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        self.num_data = validate_num_data(self.num_data)
+        self.temperature = validate_temperature(self.temperature)
+        self.likelihood = _resolve_likelihood(self.likelihood)
+        self.prior = _resolve_prior(self.prior)
+
+    def named_parameters(self) -> dict[str, Tensor]:
+        """Trainable parameters of the model, by name."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def potential(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Minibatch potential ``L_B`` in mean-loss units (differentiable scalar).
+
+        ``L_B = mean_{i in B} -log p(y_i | x_i, theta) - log p(theta) / N``.
+        """
+        nll = self.likelihood.nll(self.model(inputs), targets).mean()
+        neg_log_prior = self.prior.neg_log_prob(self.named_parameters())
+        if neg_log_prior is None:
+            return nll
+        return nll + neg_log_prior / self.num_data
+
+    def closure(self, inputs: Tensor, targets: Tensor) -> Callable[[], Tensor]:
+        """Closure for ``sampler.step(closure)``.
+
+        It evaluates :meth:`potential` on the batch, back-propagates it (accumulating into
+        ``.grad``; the sampler zeroes gradients) and returns the detached value.
+        """
+
+        def closure() -> Tensor:
+            loss = self.potential(inputs, targets)
+            loss.backward()
+            return loss.detach()
+
+        return closure
+
+    def config(self) -> dict[str, object]:
+        """Settings recorded in the trace attributes."""
+        return {
+            "num_data": self.num_data,
+            "temperature": self.temperature,
+            **self.likelihood.config(),
+            **self.prior.config(),
+        }

@@ -1,0 +1,120 @@
+"""Samplers and optimisers, each a gradient estimator composed with a dynamics.
+
+Every method is reachable by name through one registry::
+
+    from bayesflat import samplers
+    cls = samplers.get("fsgld")
+    opt = cls(model.parameters(), lr=1e-3, num_data=N, temperature=1.0)
+
+All registered classes accept ``(params, lr, *, num_data, temperature, generator, **options)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bayesflat.samplers.base import (
+    Dynamics,
+    FlatBuffer,
+    GradientEstimator,
+    PlainGradient,
+    Sampler,
+)
+from bayesflat.samplers.fsgld import FSGLD, CoupledPerturbation, coupled_sigma
+from bayesflat.samplers.langevin import SGD, SGLD, LangevinDynamics, langevin_noise_scale
+from bayesflat.samplers.perturbation import PerturbedGradient, exclude_from_perturbation
+
+__all__ = [
+    "FSGLD",
+    "SGD",
+    "SGLD",
+    "CoupledPerturbation",
+    "Dynamics",
+    "FlatBuffer",
+    "GradientEstimator",
+    "LangevinDynamics",
+    "PerturbedGradient",
+    "PlainGradient",
+    "RegistryEntry",
+    "Sampler",
+    "available",
+    "coupled_sigma",
+    "describe",
+    "exclude_from_perturbation",
+    "get",
+    "langevin_noise_scale",
+    "register",
+]
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A registered method: its class, a one-line summary and the paper it comes from."""
+
+    name: str
+    cls: type[Sampler]
+    summary: str
+    reference: str
+    is_sampler: bool = True
+
+
+_REGISTRY: dict[str, RegistryEntry] = {}
+
+
+def register(
+    name: str, cls: type[Sampler], *, summary: str, reference: str, is_sampler: bool = True
+) -> None:
+    """Register ``cls`` under ``name``.
+
+    ``is_sampler=False`` marks an optimiser (its chain of iterates is recorded like draws,
+    at ``T = 0``).
+    """
+    if not isinstance(name, str) or not name or name != name.lower():
+        raise ValueError(f"sampler name must be a non-empty lower-case string, got {name!r}")
+    if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+        raise ValueError(f"a sampler named {name!r} is already registered")
+    _REGISTRY[name] = RegistryEntry(name, cls, summary, reference, is_sampler)
+
+
+def entry(name: str) -> RegistryEntry:
+    """The registry entry for ``name``; unknown names raise a ``ValueError`` listing all."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(available())}") from None
+
+
+def get(name: str) -> type[Sampler]:
+    """The sampler class registered under ``name``."""
+    return entry(name).cls
+
+
+def available() -> list[str]:
+    """Registered names, in registration order."""
+    return list(_REGISTRY)
+
+
+def describe() -> list[RegistryEntry]:
+    """Every registry entry, in registration order."""
+    return list(_REGISTRY.values())
+
+
+register(
+    "sgd",
+    SGD,
+    summary="stochastic gradient descent; the T = 0 limit of SGLD (point-estimate baseline)",
+    reference="Robbins & Monro, Ann. Math. Stat. 1951",
+    is_sampler=False,
+)
+register(
+    "sgld",
+    SGLD,
+    summary="stochastic gradient Langevin dynamics",
+    reference="Welling & Teh, ICML 2011",
+)
+register(
+    "fsgld",
+    FSGLD,
+    summary="flatness-aware SGLD: gradient at randomly perturbed weights, sigma coupled to T",
+    reference="Bruno, Hwang, An, Sabanis, Lim, arXiv:2510.02174 (ICML 2026)",
+)

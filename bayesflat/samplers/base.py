@@ -1,0 +1,335 @@
+"""The sampler contract: a gradient estimator composed with a dynamics.
+
+A :class:`Sampler` is a :class:`torch.optim.Optimizer` whose ``step(closure)`` does two things:
+
+1. its :class:`GradientEstimator` decides *where* the closure is evaluated and how the
+   resulting gradients are combined, leaving the combined gradient in ``p.grad``;
+2. its :class:`Dynamics` decides *what is done* with that gradient (a Langevin move, a
+   preconditioned move, a momentum move; with ``T = 0`` the corresponding optimiser step).
+
+Hyperparameters live in the param groups, so ``torch.optim.lr_scheduler`` and per-group
+settings work as with any optimiser. Any hyperparameter may be given as a schedule, a callable
+``step -> value`` evaluated at the start of every step (steps counted from 0).
+
+The closure evaluates the minibatch potential ``L_B`` in mean-loss units, calls
+``backward()`` and returns the detached value. It must *not* zero the gradients: the
+estimator zeroes them once per step and lets repeated evaluations accumulate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bayesflat.posterior import validate_num_data, validate_temperature
+
+__all__ = [
+    "Closure",
+    "Dynamics",
+    "FlatBuffer",
+    "GradientEstimator",
+    "PlainGradient",
+    "Sampler",
+    "check_positive",
+]
+
+Closure = Callable[[], Tensor]
+
+
+def check_positive(value: object, argname: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a finite float ``> 0`` (``>= 0`` with ``allow_zero``) or raise."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{argname} must be a finite number {bound}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{argname} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+class FlatBuffer:
+    """One contiguous buffer shaped like a list of parameters, with a view per parameter.
+
+    Drawing noise into it is a single random-number call whatever the number of parameter
+    tensors; the per-parameter views feed ``torch._foreach_*`` kernels.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.views: dict[int, Tensor] = {}
+        self.chunks: list[Tensor] = []
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in self.params:
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), plist in by_kind.items():
+            flat = torch.empty(sum(p.numel() for p in plist), device=device, dtype=dtype)
+            self.chunks.append(flat)
+            offset = 0
+            for p in plist:
+                self.views[id(p)] = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+
+    def of(self, params: Iterable[Tensor]) -> list[Tensor]:
+        """Views matching ``params`` (each must be one of the buffer's parameters)."""
+        return [self.views[id(p)] for p in params]
+
+    def normal_(self, generator: torch.Generator | None) -> None:
+        """Fill with independent standard normal draws (one call per dtype/device chunk)."""
+        for flat in self.chunks:
+            flat.normal_(generator=generator)
+
+    def rademacher_(self, generator: torch.Generator | None) -> None:
+        """Fill with independent signs, ``P(+1) = P(-1) = 1/2``."""
+        for flat in self.chunks:
+            flat.bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+
+
+class GradientEstimator:
+    """Where the closure is evaluated and how its gradients are combined.
+
+    Subclasses implement :meth:`estimate`, which must leave the combined gradient in
+    ``p.grad`` for every parameter that received one and return the potential value.
+    ``defaults`` are hyperparameters added to every param group.
+    """
+
+    name = "plain"
+    defaults: dict[str, Any] = {}
+
+    def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
+        """Fill ``p.grad`` and return the (detached) potential."""
+        raise NotImplementedError
+
+    def stats(self, sampler: Sampler) -> dict[str, float]:
+        """Per-step statistics this estimator adds to ``sample_stats``."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """Settings recorded in the trace attributes."""
+        return {"estimator": self.name}
+
+
+class PlainGradient(GradientEstimator):
+    """The gradient at the current parameters: ``g = grad L_B(theta)``."""
+
+    name = "plain"
+
+    def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
+        sampler.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            return closure()
+
+
+class Dynamics:
+    """What is done with the estimated gradient.
+
+    Subclasses implement :meth:`update`, which moves every parameter with a gradient.
+    ``defaults`` are hyperparameters added to every param group.
+    """
+
+    name = "dynamics"
+    defaults: dict[str, Any] = {}
+
+    def update(self, sampler: Sampler) -> None:
+        """Move the parameters of every group using ``p.grad``."""
+        raise NotImplementedError
+
+    def stats(self, sampler: Sampler) -> dict[str, float]:
+        """Per-step statistics this dynamics adds to ``sample_stats``."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """Settings recorded in the trace attributes."""
+        return {"dynamics": self.name}
+
+
+class Sampler(torch.optim.Optimizer):
+    """An SG-MCMC sampler: a :class:`GradientEstimator` followed by a :class:`Dynamics`.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or dict
+        Parameters or param groups, as for any :class:`torch.optim.Optimizer`.
+    estimator : GradientEstimator
+        Where gradients are taken.
+    dynamics : Dynamics
+        How the parameters move.
+    lr : float or callable
+        Step size in mean-loss units (``> 0``), or a schedule ``step -> lr``.
+    num_data : int
+        Training-set size ``N``.
+    temperature : float or callable, default 1.0
+        ``T >= 0``, or a schedule ``step -> T``.
+    generator : torch.Generator, optional
+        Source of all randomness of this chain. ``None`` uses the global generator.
+    **defaults
+        Further per-group hyperparameters (those of the estimator and dynamics).
+    """
+
+    name = "sampler"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        estimator: GradientEstimator,
+        dynamics: Dynamics,
+        lr: float | Callable[[int], float],
+        num_data: int,
+        temperature: float | Callable[[int], float] = 1.0,
+        generator: torch.Generator | None = None,
+        **defaults: Any,
+    ) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
+        self.estimator = estimator
+        self.dynamics = dynamics
+        self.generator = generator
+        all_defaults = {
+            **estimator.defaults,
+            **dynamics.defaults,
+            **defaults,
+            "lr": lr,
+            "num_data": num_data,
+            "temperature": temperature,
+        }
+        super().__init__(params, all_defaults)
+        self._buffers: dict[str, FlatBuffer] = {}
+        self._last_loss: Tensor | None = None
+
+    # -- param groups ---------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("step", 0)
+        schedules = {
+            k: v for k, v in group.items() if k not in ("params", "schedules") and callable(v)
+        }
+        group["schedules"] = {**group.get("schedules", {}), **schedules}
+        self._resolve_schedules(group)
+        self._validate_group(group)
+        self._buffers = {}
+
+    def _resolve_schedules(self, group: dict[str, Any]) -> None:
+        for key, schedule in group["schedules"].items():
+            group[key] = schedule(group["step"])
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        group["num_data"] = validate_num_data(group["num_data"])
+        group["temperature"] = validate_temperature(group["temperature"])
+        group["lr"] = check_positive(group["lr"], "lr")
+
+    # -- workspace ------------------------------------------------------------------------------
+
+    def buffer(self, key: str) -> FlatBuffer:
+        """A flat workspace shaped like all parameters, allocated once and reused."""
+        buf = self._buffers.get(key)
+        if buf is None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            buf = self._buffers[key] = FlatBuffer(params)
+        return buf
+
+    @staticmethod
+    def grads_of(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """Parameters of ``group`` that have a gradient, and those gradients."""
+        params = [p for p in group["params"] if p.grad is not None]
+        return params, [p.grad for p in params]
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One move: estimate the gradient with ``closure``, then apply the dynamics.
+
+        Returns the potential reported by the estimator (mean-loss units).
+        """
+        if closure is None:
+            raise ValueError(
+                "step() needs a closure that evaluates the minibatch potential and calls "
+                "backward(); build one with Posterior.closure(inputs, targets)"
+            )
+        for group in self.param_groups:
+            if group["schedules"]:
+                self._resolve_schedules(group)
+                self._validate_group(group)
+        loss = self.estimator.estimate(self, closure)
+        self.dynamics.update(self)
+        for group in self.param_groups:
+            group["step"] += 1
+        self._last_loss = loss
+        return loss
+
+    # -- statistics and settings ----------------------------------------------------------------
+
+    def gradients(self) -> list[Tensor]:
+        """Every ``p.grad`` that exists, over all param groups."""
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def grad_norm(self) -> float:
+        """Euclidean norm of the last combined gradient over all parameters."""
+        grads = self.gradients()
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (first param group's hyperparameters).
+
+        ``lp`` is the potential the estimator evaluated (mean-loss units); ``step_size`` the
+        learning rate; ``temperature`` ``T``; ``sigma`` the perturbation scale (0 for
+        estimators that do not perturb); ``grad_norm`` the norm of the combined gradient.
+        """
+        group = self.param_groups[0]
+        out = {
+            "lp": float("nan") if self._last_loss is None else float(self._last_loss),
+            "step_size": float(group["lr"]),
+            "temperature": float(group["temperature"]),
+            "sigma": 0.0,
+            "grad_norm": self.grad_norm(),
+        }
+        out.update(self.estimator.stats(self))
+        out.update(self.dynamics.stats(self))
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """Name and every hyperparameter of the first param group, for the trace attributes."""
+        group = self.param_groups[0]
+        hyper = {
+            k: (f"schedule:{getattr(group['schedules'][k], '__name__', 'callable')}")
+            if k in group["schedules"]
+            else v
+            for k, v in group.items()
+            if k not in ("params", "schedules", "step")
+        }
+        return {
+            "sampler": self.name,
+            **hyper,
+            **self.estimator.config(),
+            **self.dynamics.config(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state plus the chain's generator state (for exact resumption)."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            group.pop("schedules", None)
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; schedules given at construction are kept."""
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        schedules = [g["schedules"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, sched in zip(self.param_groups, schedules, strict=True):
+            group["schedules"] = sched
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
