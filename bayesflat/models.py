@@ -1,0 +1,274 @@
+"""Reference networks: an MLP and a small CNN for 8x8 digits, a CNN for 32x32 colour images.
+
+Every network returns logits ``(n, num_classes)`` (unnormalised log-probabilities;
+the likelihood applies the softmax) and accepts both flat rows ``(n, C*H*W)``
+and images ``(n, C, H, W)``, so one data object feeds any of them. All layers
+are standard ``torch.nn`` layers: initialisation is PyTorch's (deterministic
+under ``torch.manual_seed``), and :func:`reset_parameters` re-draws it, e.g. to
+start a new chain.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "ConvNet32",
+    "SmallCNN",
+    "available_models",
+    "build_model",
+    "reset_parameters",
+]
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; available: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _as_images(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """Reshape flat rows ``(n, C*H*W)`` to images ``(n, C, H, W)``; pass images through."""
+    if x.dim() == 2:
+        if x.shape[1] != channels * size * size:
+            raise ValueError(
+                f"flat input has {x.shape[1]} features; expected {channels}*{size}*{size} = "
+                f"{channels * size * size}"
+            )
+        return x.view(x.shape[0], channels, size, size)
+    if x.dim() != 4:
+        raise ValueError(
+            f"input must be (n, {channels * size * size}) or (n, {channels}, {size}, {size}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+class MLP(nn.Sequential):
+    """Fully connected classifier ``in_features -> hidden... -> num_classes``.
+
+    Each hidden layer is ``Linear`` followed by the activation; the last layer
+    is ``Linear`` with no activation (logits). Inputs of any shape ``(n, ...)``
+    are flattened to ``(n, in_features)``. The digits default, 64-128-128-10,
+    has ``64*128+128 + 128*128+128 + 128*10+10 = 26,122`` parameters.
+
+    Parameters
+    ----------
+    in_features : int, default 64
+        Input size (8x8 pixels for digits).
+    hidden : sequence of int, default (128, 128)
+        Width of each hidden layer; empty gives multinomial logistic regression.
+    num_classes : int, default 10
+        Number of output logits.
+    activation : {"relu", "tanh", "gelu", "silu", "elu", "softplus"}, default "relu"
+        Nonlinearity after each hidden layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden=(128, 128),
+        num_classes: int = 10,
+        activation: str = "relu",
+    ):
+        widths = [_check_positive("in_features", in_features)]
+        widths += [_check_positive("hidden width", h) for h in hidden]
+        widths.append(_check_positive("num_classes", num_classes))
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(nn.Linear(w_in, w_out))
+            if i < len(widths) - 2:
+                layers.append(_activation(activation))
+        super().__init__(*layers)
+
+
+class SmallCNN(nn.Module):
+    """Small convolutional classifier for ``in_channels x 8 x 8`` images.
+
+    ``conv3x3(width) -> [BN] -> ReLU -> conv3x3(2*width) -> [BN] -> ReLU ->
+    maxpool2 -> Linear(2*width * 4*4 -> num_classes)``; convolutions are padded
+    to keep the spatial size. With the defaults (width 16, no BatchNorm) it has
+    ``160 + 4,640 + 5,130 = 9,930`` parameters.
+
+    Parameters
+    ----------
+    in_channels : int, default 1
+        Input channels.
+    num_classes : int, default 10
+        Number of output logits.
+    width : int, default 16
+        Channels of the first convolution; the second has ``2 * width``.
+    batch_norm : bool, default False
+        Insert ``BatchNorm2d`` after each convolution (whose bias is then dropped).
+    image_size : int, default 8
+        Height and width of the input, in pixels; even.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 16,
+        batch_norm: bool = False,
+        image_size: int = 8,
+    ):
+        super().__init__()
+        self.in_channels = _check_positive("in_channels", in_channels)
+        self.image_size = _check_positive("image_size", image_size)
+        if image_size % 2:
+            raise ValueError(f"image_size must be even (one 2x2 pooling), got {image_size}")
+        _check_positive("num_classes", num_classes)
+        _check_positive("width", width)
+        self.features = nn.Sequential(
+            *_conv_block(in_channels, width, batch_norm),
+            *_conv_block(width, 2 * width, batch_norm),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(2 * width * (image_size // 2) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(n, num_classes)`` of inputs ``(n, C*H*W)`` or ``(n, C, H, W)``."""
+        return self.classifier(self.features(_as_images(x, self.in_channels, self.image_size)))
+
+
+def _conv_block(c_in: int, c_out: int, batch_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    layers.append(nn.ReLU())
+    return layers
+
+
+class ConvNet32(nn.Module):
+    """Small VGG-style classifier for ``in_channels x 32 x 32`` images (CIFAR-sized).
+
+    Three stages of two ``conv3x3 -> BatchNorm -> ReLU`` blocks with ``width``,
+    ``2*width``, ``4*width`` channels, a 2x2 max-pool after the first two stages,
+    global average pooling, and a ``Linear(4*width -> num_classes)`` head. With
+    the defaults (width 32) it has 288,746 parameters.
+
+    Parameters
+    ----------
+    in_channels : int, default 3
+        Input channels.
+    num_classes : int, default 10
+        Number of output logits.
+    width : int, default 32
+        Channels of the first stage.
+    """
+
+    image_size = 32
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        self.in_channels = _check_positive("in_channels", in_channels)
+        _check_positive("num_classes", num_classes)
+        _check_positive("width", width)
+        w1, w2, w3 = width, 2 * width, 4 * width
+        self.features = nn.Sequential(
+            *_conv_block(in_channels, w1, True),
+            *_conv_block(w1, w1, True),
+            nn.MaxPool2d(2),
+            *_conv_block(w1, w2, True),
+            *_conv_block(w2, w2, True),
+            nn.MaxPool2d(2),
+            *_conv_block(w2, w3, True),
+            *_conv_block(w3, w3, True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(w3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(n, num_classes)`` of inputs ``(n, C*32*32)`` or ``(n, C, 32, 32)``."""
+        return self.classifier(self.features(_as_images(x, self.in_channels, self.image_size)))
+
+
+_MODELS = {"mlp": MLP, "cnn": SmallCNN, "convnet32": ConvNet32}
+
+
+def available_models() -> tuple[str, ...]:
+    """Names :func:`build_model` accepts, sorted."""
+    return tuple(sorted(_MODELS))
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a reference network by name.
+
+    Parameters
+    ----------
+    name : {"mlp", "cnn", "convnet32"}
+        :class:`MLP`, :class:`SmallCNN` or :class:`ConvNet32` (case-insensitive).
+    **kwargs
+        Passed to the network's constructor.
+
+    Returns
+    -------
+    torch.nn.Module
+        The network, initialised from PyTorch's global random state.
+
+    Raises
+    ------
+    ValueError
+        Unknown name; the message lists the available ones.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return _MODELS[key](**kwargs)
+
+
+def reset_parameters(model: nn.Module) -> nn.Module:
+    """Re-initialise every parameter of ``model`` in place, as at construction.
+
+    Calls ``reset_parameters()`` on each submodule that owns parameters (for
+    BatchNorm this also resets the running statistics). The draw comes from
+    PyTorch's global random state: seed it with ``torch.manual_seed`` first for
+    a reproducible chain start.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
+
+    Raises
+    ------
+    TypeError
+        A submodule owns parameters but has no ``reset_parameters()``.
+    """
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        reset = getattr(module, "reset_parameters", None)
+        if not callable(reset):
+            raise TypeError(
+                f"submodule {name or '<root>'!r} ({type(module).__name__}) owns parameters "
+                "but has no reset_parameters(); it cannot be re-initialised"
+            )
+        reset()
+    return model
