@@ -12,7 +12,7 @@ import copy
 import inspect
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -228,12 +228,16 @@ def sample(
     log_likelihood_set: str | None = None,
     eval_batch_size: int = 1024,
     output: str | Path | None = None,
+    stats_fns: Mapping[str, Callable[[nn.Module, _samplers.Sampler], Any]] | None = None,
     **sampler_options: Any,
 ) -> Any:
     """Run ``chains`` chains of a registered sampler and return an ArviZ trace.
 
-    Each chain runs ``burn_in + draws * thin`` steps; after burn-in every ``thin``-th state is
-    kept. At every kept draw the driver records the weights, the sampler's statistics, the
+    Each chain runs ``burn_in`` steps, then keeps every ``thin``-th state until ``draws`` are
+    kept (``burn_in + draws * thin`` steps; a sampler with exploration phases, such as a
+    cyclical schedule, counts only the steps of its sampling phases).
+
+    At every kept draw the driver records the weights, the sampler's statistics, the
     class probabilities on every evaluation set and the pointwise log-likelihood of one
     labelled set.
 
@@ -282,6 +286,9 @@ def sample(
     output : path, optional
         Save the trace there (netCDF, atomic). Saved after every chain, so a stop loses
         nothing already computed.
+    stats_fns : mapping, optional
+        ``name -> fn(model, sampler)`` evaluated at every kept draw; each returns a number
+        or an array recorded in ``sample_stats`` (e.g. a flatness diagnostic).
     **sampler_options
         Passed to the sampler class (e.g. ``sigma``, ``eta`` for fSGLD).
 
@@ -339,7 +346,6 @@ def sample(
         "log_likelihood_set": log_likelihood_set or "",
     }  # fmt: skip
     output_path = Path(output) if output is not None else None
-    total_steps = burn_in + draws * thin
     t_start = time.perf_counter()
     for c in range(chains):
         init_seed, data_seed, noise_seed = chain_seeds(seed, c)
@@ -356,13 +362,21 @@ def sample(
             attrs.update(opt.config())
             attrs.update(posterior.config())
             attrs["sampler"] = sampler
-        bar = _progress(progress, total_steps, c, chains)
+        planned = opt.planned_steps(burn_in, draws, thin)
+        bar = _progress(progress, planned, c, chains)
         batch_iter = batches.iterate(data_gen, device)
         chain_model.train()
         running = math.nan
         step = -1
+        collected = 0
         try:
-            for step in range(total_steps):
+            while recorder.kept[c] < draws:
+                step += 1
+                if step >= 10 * planned:
+                    raise FloatingPointError(
+                        f"{sampler!r} kept only {recorder.kept[c]} of {draws} draws in {step} "
+                        f"steps at chain {c}; its sampling phases are too short for thin={thin}"
+                    )
                 xb, yb = next(batch_iter)
                 loss = float(opt.step(posterior.closure(xb, yb)))
                 if not math.isfinite(loss):
@@ -370,20 +384,23 @@ def sample(
                         f"non-finite potential {loss} at chain {c}, step {step}"
                     )
                 running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
-                kept = step - burn_in + 1
-                if kept > 0 and kept % thin == 0:
-                    stats = opt.stats()
-                    if not math.isfinite(stats["grad_norm"]):
-                        raise FloatingPointError(
-                            f"non-finite gradient norm at chain {c}, step {step}"
-                        )
-                    stats["step"] = step
-                    recorder.record(c, kept // thin - 1, chain_model, stats, eval_batch_size,
-                                    device)  # fmt: skip
-                if bar is not None and (step % 25 == 0 or step == total_steps - 1):
+                if step >= burn_in and opt.collecting():
+                    collected += 1
+                    if collected % thin == 0:
+                        stats = opt.stats()
+                        if not math.isfinite(stats["grad_norm"]):
+                            raise FloatingPointError(
+                                f"non-finite gradient norm at chain {c}, step {step}"
+                            )
+                        stats["step"] = step
+                        for name, fn in (stats_fns or {}).items():
+                            stats[name] = fn(chain_model, opt)
+                        recorder.record(c, recorder.kept[c], chain_model, stats,
+                                        eval_batch_size, device)  # fmt: skip
+                if bar is not None and step % 25 == 0:
                     bar.set_postfix(draw=recorder.kept[c], potential=f"{running:.4f}",
                                     refresh=False)  # fmt: skip
-                    bar.update(step + 1 - bar.n)
+                    bar.update(min(step + 1, planned) - bar.n)
         except (FloatingPointError, KeyboardInterrupt) as err:
             if bar is not None:
                 bar.close()
@@ -399,6 +416,7 @@ def sample(
                 partial, chain=c, step=step,
             ) from err  # fmt: skip
         if bar is not None:
+            bar.update(planned - bar.n)
             bar.close()
         if output_path is not None and c < chains - 1:
             _trace.save(

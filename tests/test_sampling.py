@@ -229,3 +229,18 @@ def test_bad_train_data_type():
 def test_public_names():
     assert bayesflat.sample is sampling.sample
     assert bayesflat.save is btrace.save and bayesflat.load is btrace.load
+
+
+def test_stats_fns_are_recorded_per_draw():
+    def weight_norm(model, sampler):
+        return float(sum(p.pow(2).sum() for p in model.parameters()).sqrt())
+
+    tr = _run(
+        stats_fns={"weight_norm": weight_norm, "lr_seen": lambda m, s: s.param_groups[0]["lr"]}
+    )
+    stats = btrace.groups(tr)["sample_stats"]
+    post = btrace.groups(tr)["posterior"]
+    direct = np.sqrt(sum((post[k].values.astype(np.float64) ** 2).reshape(2, 6, -1).sum(-1)
+                         for k in post.data_vars))  # fmt: skip
+    np.testing.assert_allclose(stats["weight_norm"].values, direct, rtol=1e-5)
+    np.testing.assert_array_equal(stats["lr_seen"].values, 0.05)

@@ -265,6 +265,20 @@ class Sampler(torch.optim.Optimizer):
         self._last_loss = loss
         return loss
 
+    # -- phases -----------------------------------------------------------------------------------
+
+    def collecting(self) -> bool:
+        """Whether the state after the last step is a draw of the target.
+
+        ``False`` during exploration phases (e.g. of a cyclical schedule), where the driver
+        records nothing.
+        """
+        return True
+
+    def planned_steps(self, burn_in: int, draws: int, thin: int) -> int:
+        """Steps a chain needs to keep ``draws`` draws: ``burn_in + draws * thin`` by default."""
+        return burn_in + draws * thin
+
     # -- statistics and settings ----------------------------------------------------------------
 
     def gradients(self) -> list[Tensor]:
