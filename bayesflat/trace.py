@@ -202,9 +202,12 @@ def build_trace(
         On a name that is not str, an array of unsupported dtype, or an attribute
         value that cannot be stored.
     """
-    if not posterior:
-        raise ValueError("posterior is empty: it needs at least one variable")
-    chain_draw = _chain_draw(posterior)
+    if not posterior and not sample_stats:
+        raise ValueError(
+            "posterior and sample_stats are both empty: a trace needs at least one variable "
+            "of shape (chain, draw, ...)"
+        )
+    chain_draw = _chain_draw(posterior) if posterior else _chain_draw(sample_stats, "sample_stats")
     stamp = _provenance()
     settings, kinds = _encode_attrs(attrs or {})
 
@@ -519,12 +522,12 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _chain_draw(posterior: Mapping[str, Any]) -> tuple[int, int]:
-    key, value = next(iter(posterior.items()))
+def _chain_draw(variables: Mapping[str, Any], group: str = "posterior") -> tuple[int, int]:
+    key, value = next(iter(variables.items()))
     shape = np.shape(_to_numpy(value))
     if len(shape) < 2 or 0 in shape[:2]:
         raise ValueError(
-            f"posterior[{key!r}] has shape {shape}; expected (chain, draw, ...) "
+            f"{group}[{key!r}] has shape {shape}; expected (chain, draw, ...) "
             "with at least one chain and one draw"
         )
     return shape[0], shape[1]

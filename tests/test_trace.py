@@ -320,7 +320,7 @@ def _replace(data, group, name, value):
             ValueError,
             r"posterior\['0.weight_dim_0'\]: the name is also a dimension",
         ),
-        (lambda d: {**d, "posterior": {}}, ValueError, "posterior is empty"),
+        (lambda d: {**d, "posterior": {}, "sample_stats": {}}, ValueError, "both empty"),
         (
             lambda d: _replace(d, "attrs", "created_by", "me"),
             ValueError,
@@ -370,3 +370,10 @@ def test_datatree_for_arviz_1(data, trace, tmp_path, monkeypatch):
     assert isinstance(loaded, az.InferenceData)
     for name, group in tree_groups.items():
         assert loaded[name].identical(group), name
+
+
+def test_trace_without_weights_round_trips(data, tmp_path):
+    tr = T.build_trace(**{**data, "posterior": {}})
+    assert T.get_group(tr, "posterior") is None
+    assert T.groups(tr)["sample_stats"]["lp"].shape == (CHAINS, DRAWS)
+    assert_same_trace(tr, T.load(T.save(tr, tmp_path / "no_weights.nc")))
