@@ -1,6 +1,13 @@
-"""Diagnostics of a trace: convergence on scalar functionals, sampler temperatures.
+"""Diagnostics of a posterior sample: convergence, temperatures, flatness, gradient noise.
 
-Flatness and gradient-noise diagnostics live in ``flatness`` and ``noise``.
+Three ways to use them:
+
+- as functions of a model and data (``flatness``, ``noise``) or of a trace
+  (``convergence``);
+- recorded at every kept draw of :func:`bayesflat.sample`, at a bounded cost:
+  ``stats_fns=diagnostic_stats(...)`` (``recording``);
+- summarised with pass/warn verdicts for a trace: :func:`diagnose`, the
+  ``bayesflat diagnose TRACE`` command and the report section (``report``).
 """
 
 from bayesflat.diagnostics.convergence import (
@@ -16,17 +23,83 @@ from bayesflat.diagnostics.convergence import (
     true_class_probability,
     weight_projections,
 )
+from bayesflat.diagnostics.flatness import (
+    CurvatureOperator,
+    EigenResult,
+    HessianOperator,
+    PerturbationGap,
+    SpectralDensity,
+    TraceEstimate,
+    hessian_trace,
+    hutchinson,
+    layer_weights,
+    perturbation_loss_gap,
+    select_parameters,
+    spectral_density,
+    top_eigenvalues,
+)
+from bayesflat.diagnostics.noise import (
+    DirectionalAlignment,
+    GaussNewtonOperator,
+    NoiseAlignment,
+    iter_per_example_gradients,
+    noise_alignment,
+    per_example_gradients,
+)
+from bayesflat.diagnostics.recording import (
+    DIAGNOSTIC_NAMES,
+    Budget,
+    diagnostic_stats,
+    recorded_names,
+)
+from bayesflat.diagnostics.report import (
+    DIAGNOSE_THRESHOLDS,
+    Diagnosis,
+    DiagnosticRow,
+    diagnose,
+    diagnostics_section,
+    write_diagnostics,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "DIAGNOSE_THRESHOLDS",
+    "DIAGNOSTIC_NAMES",
+    "Budget",
     "ConvergenceRow",
+    "CurvatureOperator",
+    "Diagnosis",
+    "DiagnosticRow",
+    "DirectionalAlignment",
+    "EigenResult",
     "Estimate",
+    "GaussNewtonOperator",
+    "HessianOperator",
+    "NoiseAlignment",
+    "PerturbationGap",
+    "SpectralDensity",
+    "TraceEstimate",
     "configurational_temperature",
     "convergence_table",
+    "diagnose",
+    "diagnostic_stats",
+    "diagnostics_section",
     "functionals",
+    "hessian_trace",
+    "hutchinson",
+    "iter_per_example_gradients",
     "kinetic_temperature",
+    "layer_weights",
     "nll_per_draw",
+    "noise_alignment",
+    "per_example_gradients",
+    "perturbation_loss_gap",
+    "recorded_names",
     "rhat_nested",
+    "select_parameters",
+    "spectral_density",
+    "top_eigenvalues",
     "true_class_probability",
     "weight_projections",
+    "write_diagnostics",
 ]
