@@ -4,15 +4,37 @@ The driver owns the loop; a sampler owns one step. Each chain starts from its ow
 initialisation, with its own :class:`torch.Generator` s for the initial weights, the minibatch
 order and the sampler's noise, all derived from ``seed`` and the chain index, so the same
 seed gives the same trace.
+
+Trajectory hooks
+----------------
+A sampler may define any of three optional methods, looked up by name, to take part in what
+is recorded (trajectory methods such as SWA and SWAG use them):
+
+``begin_chain(context)``
+    Called once per chain, before its first step, with a :class:`ChainContext`: the chain's
+    module, an iterable over one pass of the training data (for recomputing BatchNorm
+    statistics) and the run's ``burn_in``, ``draws`` and ``thin``.
+``recorded_state()``
+    A context manager entered around every kept draw: inside it the module holds the state to
+    record (e.g. the SWA average with recomputed BatchNorm statistics); on exit the iterate is
+    restored. Statistics are read inside it.
+``chain_draws(count)``
+    An iterator; when defined, the chain's kept points record nothing and, after the chain's
+    last step, each of the ``count = draws`` states it yields (the module holds the draw when
+    it yields; it yields a dict of extra statistics) is recorded as one draw. For such draws
+    ``lp`` is the potential of the draw on one training minibatch, evaluated in eval mode;
+    ``step`` is the chain's last step and the other statistics are those of that step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +47,29 @@ from bayesflat import samplers as _samplers
 from bayesflat import trace as _trace
 from bayesflat.posterior import Likelihood, Posterior, Prior, validate_temperature
 
-__all__ = ["SamplingError", "chain_seeds", "sample"]
+__all__ = ["ChainContext", "SamplingError", "chain_seeds", "sample"]
+
+
+@dataclass(frozen=True)
+class ChainContext:
+    """What the driver tells a sampler's ``begin_chain`` hook about the chain it will run.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The chain's module (its parameters are the sampler's).
+    train_batches : iterable of (inputs, targets)
+        Re-iterable; every iteration is one pass over the training data in fixed order, on the
+        chain's device, independent of the chain's minibatch stream.
+    burn_in, draws, thin : int
+        The run's schedule: steps discarded, draws kept, steps between kept draws.
+    """
+
+    model: nn.Module
+    train_batches: Iterable[tuple[Tensor, Tensor]]
+    burn_in: int
+    draws: int
+    thin: int
 
 
 class SamplingError(RuntimeError):
@@ -131,6 +175,26 @@ class _Batches:
             if empty:
                 raise ValueError("the DataLoader given as train_data yields no batches")
 
+    def one_pass(self, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
+        """Re-iterable single pass over the training data in order (last batch kept)."""
+        return _OnePass(self, device)
+
+
+class _OnePass:
+    def __init__(self, batches: _Batches, device: torch.device) -> None:
+        self.batches, self.device = batches, device
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        b = self.batches
+        if b.x is not None and b.y is not None:
+            for start in range(0, b.num_data, b.batch_size):
+                end = start + b.batch_size
+                yield b.x[start:end].to(self.device), b.y[start:end].to(self.device)
+            return
+        loader = b.loader or DataLoader(b.dataset, batch_size=b.batch_size, shuffle=False)
+        for xb, yb in loader:
+            yield xb.to(self.device), yb.to(self.device)
+
 
 def _eval_sets(eval_sets: Mapping[str, object] | None) -> dict[str, tuple[Tensor, Tensor | None]]:
     if eval_sets is None:
@@ -235,7 +299,10 @@ def sample(
 
     Each chain runs ``burn_in`` steps, then keeps every ``thin``-th state until ``draws`` are
     kept (``burn_in + draws * thin`` steps; a sampler with exploration phases, such as a
-    cyclical schedule, counts only the steps of its sampling phases).
+    cyclical schedule, counts only the steps of its sampling phases). Trajectory methods
+    record a summary of the iterates instead, through the hooks described in this module:
+    ``"swa"`` the running average at every kept state, ``"swag"`` ``draws`` draws of its
+    fitted Gaussian after the chain's last step.
 
     At every kept draw the driver records the weights, the sampler's statistics, the
     class probabilities on every evaluation set and the pointwise log-likelihood of one
@@ -358,6 +425,11 @@ def sample(
             sampler, chain_model.parameters(), lr=lr, num_data=n_data,
             temperature=temperature, generator=noise_gen, options=dict(sampler_options),
         )  # fmt: skip
+        begin_chain = getattr(opt, "begin_chain", None)
+        if callable(begin_chain):
+            begin_chain(ChainContext(chain_model, batches.one_pass(device), burn_in, draws, thin))
+        recorded_state = getattr(opt, "recorded_state", None)
+        chain_draws = getattr(opt, "chain_draws", None)
         if c == 0:
             attrs.update(opt.config())
             attrs.update(posterior.config())
@@ -369,12 +441,13 @@ def sample(
         running = math.nan
         step = -1
         collected = 0
+        kept_points = 0
         try:
-            while recorder.kept[c] < draws:
+            while kept_points < draws:
                 step += 1
                 if step >= 10 * planned:
                     raise FloatingPointError(
-                        f"{sampler!r} kept only {recorder.kept[c]} of {draws} draws in {step} "
+                        f"{sampler!r} kept only {kept_points} of {draws} draws in {step} "
                         f"steps at chain {c}; its sampling phases are too short for thin={thin}"
                     )
                 xb, yb = next(batch_iter)
@@ -387,20 +460,34 @@ def sample(
                 if step >= burn_in and opt.collecting():
                     collected += 1
                     if collected % thin == 0:
-                        stats = opt.stats()
-                        if not math.isfinite(stats["grad_norm"]):
-                            raise FloatingPointError(
-                                f"non-finite gradient norm at chain {c}, step {step}"
-                            )
-                        stats["step"] = step
-                        for name, fn in (stats_fns or {}).items():
-                            stats[name] = fn(chain_model, opt)
-                        recorder.record(c, recorder.kept[c], chain_model, stats,
-                                        eval_batch_size, device)  # fmt: skip
+                        kept_points += 1
+                        if chain_draws is not None:
+                            if not math.isfinite(opt.grad_norm()):
+                                raise FloatingPointError(
+                                    f"non-finite gradient norm at chain {c}, step {step}"
+                                )
+                        else:
+                            with recorded_state() if recorded_state else contextlib.nullcontext():
+                                _keep(recorder, opt, chain_model, c, kept_points - 1, step, {},
+                                      stats_fns, eval_batch_size, device)  # fmt: skip
                 if bar is not None and step % 25 == 0:
-                    bar.set_postfix(draw=recorder.kept[c], potential=f"{running:.4f}",
+                    bar.set_postfix(draw=kept_points, potential=f"{running:.4f}",
                                     refresh=False)  # fmt: skip
                     bar.update(min(step + 1, planned) - bar.n)
+            if chain_draws is not None:
+                with contextlib.closing(chain_draws(draws)) as post_draws:
+                    for draw, extra in enumerate(post_draws):
+                        lp = _eval_potential(posterior, *next(batch_iter))
+                        if not math.isfinite(lp):
+                            raise FloatingPointError(
+                                f"non-finite potential {lp} at draw {draw} of chain {c}"
+                            )
+                        _keep(recorder, opt, chain_model, c, draw, step, {**extra, "lp": lp},
+                              stats_fns, eval_batch_size, device)  # fmt: skip
+                if recorder.kept[c] < draws:
+                    raise FloatingPointError(
+                        f"{sampler!r} gave only {recorder.kept[c]} of {draws} draws at chain {c}"
+                    )
         except (FloatingPointError, KeyboardInterrupt) as err:
             if bar is not None:
                 bar.close()
@@ -428,6 +515,35 @@ def sample(
     if output_path is not None:
         _trace.save(result, output_path)
     return result
+
+
+def _keep(
+    recorder: _Recorder, opt: _samplers.Sampler, model: nn.Module, chain: int, draw: int,
+    step: int, extra: Mapping[str, float],
+    stats_fns: Mapping[str, Callable[[nn.Module, _samplers.Sampler], Any]] | None,
+    eval_batch_size: int, device: torch.device,
+) -> None:  # fmt: skip
+    """Record the module's current state as ``draw`` of ``chain`` with the sampler's stats."""
+    stats = opt.stats()
+    if not math.isfinite(stats["grad_norm"]):
+        raise FloatingPointError(f"non-finite gradient norm at chain {chain}, step {step}")
+    stats["step"] = step
+    stats.update(extra)
+    for name, fn in (stats_fns or {}).items():
+        stats[name] = fn(model, opt)
+    recorder.record(chain, draw, model, stats, eval_batch_size, device)
+
+
+@torch.no_grad()
+def _eval_potential(posterior: Posterior, inputs: Tensor, targets: Tensor) -> float:
+    """``L_B`` of the current weights on one minibatch, in eval mode (running statistics)."""
+    model = posterior.model
+    was_training = model.training
+    model.eval()
+    try:
+        return float(posterior.potential(inputs, targets))
+    finally:
+        model.train(was_training)
 
 
 def _progress(enabled: bool, total: int, chain: int, chains: int) -> Any:

@@ -20,30 +20,47 @@ from bayesflat.samplers.base import (
     PlainGradient,
     Sampler,
 )
+from bayesflat.samplers.escape import Escape, EscapeSAM, RandomlySmoothedPerturbation
 from bayesflat.samplers.fsgld import FSGLD, CoupledPerturbation, coupled_sigma
 from bayesflat.samplers.langevin import SGD, SGLD, LangevinDynamics, langevin_noise_scale
 from bayesflat.samplers.perturbation import PerturbedGradient, exclude_from_perturbation
+from bayesflat.samplers.rwp import NSO, RWP
+from bayesflat.samplers.sam import SAM, SharpnessAwareGradient
+from bayesflat.samplers.swa import SWA, SWAG, SWAGFit, SWAGMoments, fit_swag, swa_from_trace
 
 __all__ = [
     "FSGLD",
+    "NSO",
+    "RWP",
+    "SAM",
     "SGD",
     "SGLD",
+    "SWA",
+    "SWAG",
     "CoupledPerturbation",
     "Dynamics",
+    "Escape",
+    "EscapeSAM",
     "FlatBuffer",
     "GradientEstimator",
     "LangevinDynamics",
     "PerturbedGradient",
     "PlainGradient",
+    "RandomlySmoothedPerturbation",
     "RegistryEntry",
+    "SWAGFit",
+    "SWAGMoments",
     "Sampler",
+    "SharpnessAwareGradient",
     "available",
     "coupled_sigma",
     "describe",
     "exclude_from_perturbation",
+    "fit_swag",
     "get",
     "langevin_noise_scale",
     "register",
+    "swa_from_trace",
 ]
 
 
@@ -117,4 +134,53 @@ register(
     FSGLD,
     summary="flatness-aware SGLD: gradient at randomly perturbed weights, sigma coupled to T",
     reference="Bruno, Hwang, An, Sabanis, Lim, arXiv:2510.02174 (ICML 2026)",
+)
+register(
+    "sam",
+    SAM,
+    summary="sharpness-aware minimisation: gradient at theta + rho g/||g|| (two passes)",
+    reference="Foret, Kleiner, Mobahi, Neyshabur, ICLR 2021",
+    is_sampler=False,
+)
+register(
+    "rwp",
+    RWP,
+    summary="random weight perturbation: gradient at theta + sigma eps (absolute or per filter)",
+    reference="Bisla, Wang, Choromanska, AISTATS 2022; Li et al., TMLR 2024",
+    is_sampler=False,
+)
+register(
+    "nso",
+    NSO,
+    summary="noise stability optimisation: mean gradient over antithetic pairs theta +/- U",
+    reference="Zhang, Li, Ju, TMLR 2024",
+    is_sampler=False,
+)
+register(
+    "escape",
+    Escape,
+    summary="randomly smoothed perturbation: adds the projected gradient at theta + rho u",
+    reference="Ahn, Jadbabaie, Sra, ICML 2024 (Algorithm 1)",
+    is_sampler=False,
+)
+register(
+    "escape_sam",
+    EscapeSAM,
+    summary="sharpness-aware perturbation: as escape with u = +/- g/||g||",
+    reference="Ahn, Jadbabaie, Sra, ICML 2024 (Algorithm 2)",
+    is_sampler=False,
+)
+register(
+    "swa",
+    SWA,
+    summary="averaged SGD / SWA: running mean of constant-step SGD iterates, BatchNorm recomputed",
+    reference="Izmailov et al., UAI 2018; Nitanda, Kikuchi, Maeda, Wu, AISTATS 2024",
+    is_sampler=False,
+)
+register(
+    "swag",
+    SWAG,
+    summary="SWAG: diagonal plus low-rank Gaussian fitted to SGD iterates, draws as the chain",
+    reference="Maddox, Izmailov, Garipov, Vetrov, Wilson, NeurIPS 2019",
+    is_sampler=False,
 )

@@ -10,8 +10,17 @@ and averages the gradients:
 potential. The parameters are restored *exactly* afterwards: they are copied to a backup
 buffer before the first perturbation and copied back, never subtracted.
 
+Two options serve the random-weight-perturbation optimisers:
+
+- ``clean_weight = w`` mixes in the gradient at the unperturbed weights,
+  ``g_w = w * grad L_B(theta) + (1 - w) * g`` (one more evaluation per step);
+- ``filter_normalised = True`` scales the noise of every filter by its norm (LPF-SGD, Bisla et al.,
+  AISTATS 2022): for a weight ``W`` of shape ``(n_out, ...)`` the slice ``W_i`` is perturbed
+  by ``sigma * ||W_i|| * eps_i``; a one-dimensional tensor (bias, normalisation scale) is one
+  filter, ``sigma * ||W|| * eps``.
+
 Memory: one backup buffer the size of the parameters; the perturbation is drawn into the
-same buffer the Langevin noise uses.
+same buffer the Langevin noise uses; ``filter_normalised`` adds one more parameter-sized buffer.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayesflat.samplers.base import Closure, GradientEstimator, Sampler
+from bayesflat.samplers.base import Closure, FlatBuffer, GradientEstimator, Sampler
 
 __all__ = ["PERTURBATIONS", "PerturbedGradient", "exclude_from_perturbation"]
 
@@ -57,6 +66,30 @@ def exclude_from_perturbation(model: nn.Module, *, biases: bool = False) -> list
     return groups
 
 
+def _filter_index(buf: FlatBuffer) -> list[tuple[Tensor, int]]:
+    """Per chunk of ``buf``: the filter id of every element and the number of filters.
+
+    A tensor of two or more dimensions has one filter per slice along its first dimension;
+    any other tensor is a single filter. Ids are contiguous within a chunk, so per-filter sums
+    over the whole buffer are one ``index_add_`` per chunk.
+    """
+    out = []
+    for chunk in buf.chunks:
+        ids = torch.zeros(chunk.numel(), dtype=torch.long, device=chunk.device)
+        base, size, count = chunk.data_ptr(), chunk.element_size(), 0
+        for p in buf.params:
+            view = buf.views[id(p)]
+            if view.numel() == 0 or (view.device, view.dtype) != (chunk.device, chunk.dtype):
+                continue
+            start = (view.data_ptr() - base) // size
+            rows = p.shape[0] if p.dim() >= 2 else 1
+            filters = torch.arange(count, count + rows, device=chunk.device)
+            ids[start : start + p.numel()] = filters.repeat_interleave(p.numel() // rows)
+            count += rows
+        out.append((ids, count))
+    return out
+
+
 class PerturbedGradient(GradientEstimator):
     """Average gradient at randomly perturbed weights.
 
@@ -69,6 +102,14 @@ class PerturbedGradient(GradientEstimator):
         first-order noise cancels exactly.
     perturbation : {"gaussian", "rademacher"}
         Distribution of ``eps`` (both have zero mean and identity covariance).
+    clean_weight : float, default 0.0
+        Weight ``w`` in ``[0, 1)`` of the gradient at the unperturbed weights:
+        ``g_w = w grad L_B(theta) + (1 - w) g``. ``w > 0`` costs one more evaluation and the
+        returned potential is the same mixture of the evaluated potentials.
+    filter_normalised : bool, default False
+        ``False``: the perturbation is ``sigma * eps`` in parameter units. ``True``: every
+        filter ``W_i`` is perturbed by ``sigma * ||W_i|| * eps_i`` (norms taken at the current
+        weights, once per step), so ``sigma`` is a relative scale.
 
     Notes
     -----
@@ -84,6 +125,9 @@ class PerturbedGradient(GradientEstimator):
         num_perturbations: int = 1,
         antithetic: bool = False,
         perturbation: str = "gaussian",
+        *,
+        clean_weight: float = 0.0,
+        filter_normalised: bool = False,
     ) -> None:
         if isinstance(num_perturbations, bool) or not isinstance(num_perturbations, int):
             raise ValueError(
@@ -93,14 +137,40 @@ class PerturbedGradient(GradientEstimator):
             raise ValueError(f"num_perturbations must be >= 1, got {num_perturbations!r}")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+        if not isinstance(filter_normalised, bool):
+            raise ValueError(f"filter_normalised must be True or False, got {filter_normalised!r}")
+        if (
+            isinstance(clean_weight, bool)
+            or not isinstance(clean_weight, int | float)
+            or not 0 <= clean_weight < 1
+        ):
+            raise ValueError(f"clean_weight must be a number in [0, 1), got {clean_weight!r}")
         self.num_perturbations = num_perturbations
         self.antithetic = bool(antithetic)
         self.perturbation = perturbation
+        self.clean_weight = float(clean_weight)
+        self.filter_normalised = filter_normalised
         self._sigma = 0.0
+        self._filters: tuple[FlatBuffer, list[tuple[Tensor, int]]] | None = None
 
     def resolve_sigma(self, group: dict[str, Any]) -> float:
         """Perturbation scale of ``group`` (parameter units); 0 disables the perturbation."""
         return float(group["sigma"])
+
+    def _filter_scales(self, sampler: Sampler, params: list[Tensor]) -> list[Tensor]:
+        """``||W_i||`` on every element of filter ``i``, as views matching ``params``."""
+        buf = sampler.buffer("filter_scale")
+        if self._filters is None or self._filters[0] is not buf:
+            for chunk in buf.chunks:
+                chunk.zero_()  # slots of unperturbed groups stay finite
+            self._filters = (buf, _filter_index(buf))
+        views = buf.of(params)
+        torch._foreach_copy_(views, params)
+        for chunk, (ids, count) in zip(buf.chunks, self._filters[1], strict=True):
+            sq = torch.zeros(count, dtype=chunk.dtype, device=chunk.device)
+            norms = sq.index_add_(0, ids, chunk * chunk).sqrt_()
+            torch.index_select(norms, 0, ids, out=chunk)
+        return views
 
     def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
         sampler.zero_grad(set_to_none=True)
@@ -117,14 +187,25 @@ class PerturbedGradient(GradientEstimator):
         params = [p for plist, _ in active for p in plist]
         backup = sampler.buffer("backup").of(params)
         noise = sampler.buffer("noise")
-        torch._foreach_copy_(backup, params)
+        scales = self._filter_scales(sampler, params) if self.filter_normalised else None
         signs = (1.0, -1.0) if self.antithetic else (1.0,)
+        num_evals = self.num_perturbations * len(signs)
+        w = self.clean_weight
+        clean = None
+        if w > 0:
+            with torch.enable_grad():
+                clean = closure()
+            # Pre-scaled so that the final 1/num_evals average leaves weight w on it.
+            torch._foreach_mul_(sampler.gradients(), w * num_evals / (1.0 - w))
+        torch._foreach_copy_(backup, params)
         losses = []
         for _ in range(self.num_perturbations):
             if self.perturbation == "gaussian":
                 noise.normal_(sampler.generator)
             else:
                 noise.rademacher_(sampler.generator)
+            if scales is not None:
+                torch._foreach_mul_(noise.of(params), scales)
             for sign in signs:
                 if losses:
                     torch._foreach_copy_(params, backup)
@@ -133,10 +214,12 @@ class PerturbedGradient(GradientEstimator):
                 with torch.enable_grad():
                     losses.append(closure())
         torch._foreach_copy_(params, backup)
-        if len(losses) > 1:
-            torch._foreach_mul_(sampler.gradients(), 1.0 / len(losses))
-            return torch.stack(losses).mean()
-        return losses[0]
+        if num_evals > 1 or clean is not None:
+            torch._foreach_mul_(sampler.gradients(), (1.0 - w) / num_evals)
+        perturbed = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+        if clean is None:
+            return perturbed
+        return w * clean + (1.0 - w) * perturbed
 
     def stats(self, sampler: Sampler) -> dict[str, float]:
         """``sigma``: the perturbation scale used in the last step (first perturbed group)."""
@@ -148,4 +231,6 @@ class PerturbedGradient(GradientEstimator):
             "num_perturbations": self.num_perturbations,
             "antithetic": self.antithetic,
             "perturbation": self.perturbation,
+            "clean_weight": self.clean_weight,
+            "filter_normalised": self.filter_normalised,
         }

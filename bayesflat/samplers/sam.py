@@ -1,0 +1,204 @@
+"""Sharpness-aware minimisation (SAM) as a gradient estimator composed with T = 0 Langevin.
+
+Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-aware minimization for efficiently improving
+generalization", ICLR 2021. SAM minimises ``max_{||e|| <= rho} L(theta + e)``; to first order
+the maximiser is ``e = rho g / ||g||`` and the update takes the gradient there:
+
+    g     = grad L_B(theta)                          (first pass)
+    e     = rho * g / ||g||                          (global Euclidean norm)
+    g_SAM = grad L_B(theta + e)                      (second pass, same minibatch)
+    theta <- theta - lr * g_SAM                      (+ sqrt(2 lr T / N) xi when T > 0)
+
+BatchNorm running statistics are updated by the first pass only: during the second pass every
+BatchNorm layer in training mode stops tracking them (its forward pass is otherwise unchanged,
+it normalises with the batch statistics as before). The weights are restored exactly after the
+second pass (copied back from a backup buffer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayesflat.samplers.base import Closure, GradientEstimator, Sampler, check_positive
+from bayesflat.samplers.langevin import LangevinDynamics
+
+__all__ = ["SAM", "SharpnessAwareGradient", "batchnorm_layers", "frozen_batchnorm"]
+
+
+def batchnorm_layers(model: nn.Module | None) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model`` (none for ``None``)."""
+    if model is None:
+        return []
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(layers: Iterable[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Within the block, BatchNorm layers in training mode do not update running statistics.
+
+    ``track_running_stats`` is switched off for those layers and restored on exit: in training
+    mode a BatchNorm layer normalises with the batch statistics either way, so only the update
+    of ``running_mean``, ``running_var`` and ``num_batches_tracked`` is suppressed.
+    """
+    switched = [m for m in layers if m.training and m.track_running_stats]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
+
+
+class SharpnessAwareGradient(GradientEstimator):
+    """The SAM gradient ``grad L_B(theta + rho g / ||g||)``, ``g = grad L_B(theta)``.
+
+    Per-group hyperparameters: ``rho`` (ascent radius, parameter units; ``0`` gives the plain
+    gradient with a single pass) and ``perturb`` (``False`` keeps the group at ``theta`` in the
+    second pass; its gradient is still taken there). ``||g||`` is the norm over all perturbed
+    parameters.
+
+    Parameters
+    ----------
+    model : nn.Module, optional
+        Module whose BatchNorm layers stop tracking running statistics in the second pass. The
+        driver sets it for every chain (see :meth:`watch`).
+    """
+
+    name = "sharpness_aware"
+    defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self._batchnorm = batchnorm_layers(model)
+        self._radius = 0.0
+        self._sharpness = 0.0
+
+    def watch(self, model: nn.Module | None) -> None:
+        """Freeze the BatchNorm statistics of ``model`` during the second pass."""
+        self._batchnorm = batchnorm_layers(model)
+
+    def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
+        sampler.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        self._radius, self._sharpness = 0.0, 0.0
+        active = []
+        for group in sampler.param_groups:
+            if group["perturb"] and group["rho"] > 0:
+                params, grads = sampler.grads_of(group)
+                if params:
+                    active.append((params, grads, float(group["rho"])))
+        if not active:
+            return loss
+        group_norms = [
+            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            for _, grads, _ in active
+        ]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(group_norms)))
+        if grad_norm == 0.0:
+            return loss
+        params = [p for plist, _, _ in active for p in plist]
+        backup = sampler.buffer("backup").of(params)
+        torch._foreach_copy_(backup, params)
+        for plist, grads, rho in active:
+            torch._foreach_add_(plist, grads, alpha=rho / grad_norm)
+        sampler.zero_grad(set_to_none=True)
+        with frozen_batchnorm(self._batchnorm), torch.enable_grad():
+            perturbed = closure()
+        torch._foreach_copy_(params, backup)
+        rhos = [rho for _, _, rho in active]
+        ascent_sq = sum((rho * float(n)) ** 2 for rho, n in zip(rhos, group_norms, strict=True))
+        self._radius = math.sqrt(ascent_sq) / grad_norm
+        self._sharpness = float(perturbed) - float(loss)
+        return loss
+
+    def stats(self, sampler: Sampler) -> dict[str, float]:
+        """``sigma`` and ``ascent_radius``: ``||e||`` of the last step (0 when no ascent was
+        taken); ``sharpness``: ``L_B(theta + e) - L_B(theta)``, the second-pass potential minus
+        the first-pass one (``lp``)."""
+        return {
+            "sigma": self._radius,
+            "ascent_radius": self._radius,
+            "sharpness": self._sharpness,
+        }
+
+
+class SAM(Sampler):
+    """Sharpness-aware minimisation (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021).
+
+    Update rule, in mean-loss units (two forward/backward passes on the same minibatch):
+
+        g     = grad L_B(theta)
+        e     = rho * g / ||g||                       (global norm over perturbed parameters)
+        theta <- theta - lr * grad L_B(theta + e) + sqrt(2 * lr * T / N) * xi
+
+    ``lp`` is the first-pass potential ``L_B(theta)``; ``ascent_radius`` is ``||e||`` and
+    ``sharpness`` is ``L_B(theta + e) - L_B(theta)``.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or param groups; a group with ``"perturb": False`` is not moved by ``e``.
+    lr : float or callable, default 1e-3
+        Step size (``> 0``) or a schedule ``step -> lr``.
+    num_data : int
+        Training-set size ``N``.
+    temperature : float or callable, default 0.0
+        ``T >= 0``. ``T = 0`` is SAM with plain SGD as its base optimiser; ``T > 0`` adds
+        Langevin noise.
+    rho : float or callable, default 0.05
+        Ascent radius in parameter units (the paper's default); ``0`` gives ``torch.optim.SGD``
+        exactly, with one pass per step.
+    model : nn.Module, optional
+        Module whose BatchNorm running statistics are frozen in the second pass (set by the
+        driver for each chain).
+    generator : torch.Generator, optional
+        Source of the Langevin noise when ``T > 0``.
+
+    References
+    ----------
+    P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-aware minimization for efficiently
+    improving generalization. ICLR 2021.
+    """
+
+    name = "sam"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Callable[[int], float] = 1e-3,
+        *,
+        num_data: int,
+        temperature: float | Callable[[int], float] = 0.0,
+        rho: float | Callable[[int], float] = 0.05,
+        model: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            estimator=SharpnessAwareGradient(model),
+            dynamics=LangevinDynamics(),
+            lr=lr,
+            num_data=num_data,
+            temperature=temperature,
+            generator=generator,
+            rho=rho,
+        )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        group["rho"] = check_positive(group["rho"], "rho", allow_zero=True)
+        if not isinstance(group.get("perturb", True), bool):
+            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
+
+    def begin_chain(self, context: Any) -> None:
+        """Driver hook: freeze the chain model's BatchNorm statistics in the second pass."""
+        self.estimator.watch(context.model)
