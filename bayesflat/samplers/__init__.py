@@ -20,25 +20,39 @@ from bayesflat.samplers.base import (
     PlainGradient,
     Sampler,
 )
+from bayesflat.samplers.cyclical import CFSGLD, CSGHMC, CSGLD, Cyclical
+from bayesflat.samplers.emcmc import EMCMC, EntropyLangevinDynamics
 from bayesflat.samplers.escape import Escape, EscapeSAM, RandomlySmoothedPerturbation
 from bayesflat.samplers.fsgld import FSGLD, CoupledPerturbation, coupled_sigma
 from bayesflat.samplers.langevin import SGD, SGLD, LangevinDynamics, langevin_noise_scale
 from bayesflat.samplers.perturbation import PerturbedGradient, exclude_from_perturbation
+from bayesflat.samplers.psgld import FPSGLD, PSGLD, PreconditionedLangevinDynamics
 from bayesflat.samplers.rwp import NSO, RWP
 from bayesflat.samplers.sam import SAM, SharpnessAwareGradient
+from bayesflat.samplers.sghmc import FSGHMC, SGHMC, SGHMCDynamics
 from bayesflat.samplers.swa import SWA, SWAG, SWAGFit, SWAGMoments, fit_swag, swa_from_trace
 
 __all__ = [
+    "CFSGLD",
+    "CSGHMC",
+    "CSGLD",
+    "EMCMC",
+    "FPSGLD",
+    "FSGHMC",
     "FSGLD",
     "NSO",
+    "PSGLD",
     "RWP",
     "SAM",
     "SGD",
+    "SGHMC",
     "SGLD",
     "SWA",
     "SWAG",
     "CoupledPerturbation",
+    "Cyclical",
     "Dynamics",
+    "EntropyLangevinDynamics",
     "Escape",
     "EscapeSAM",
     "FlatBuffer",
@@ -46,8 +60,10 @@ __all__ = [
     "LangevinDynamics",
     "PerturbedGradient",
     "PlainGradient",
+    "PreconditionedLangevinDynamics",
     "RandomlySmoothedPerturbation",
     "RegistryEntry",
+    "SGHMCDynamics",
     "SWAGFit",
     "SWAGMoments",
     "Sampler",
@@ -134,6 +150,54 @@ register(
     FSGLD,
     summary="flatness-aware SGLD: gradient at randomly perturbed weights, sigma coupled to T",
     reference="Bruno, Hwang, An, Sabanis, Lim, arXiv:2510.02174 (ICML 2026)",
+)
+register(
+    "psgld",
+    PSGLD,
+    summary="preconditioned SGLD: RMSprop-scaled drift and noise (Gamma correction dropped)",
+    reference="Li, Chen, Carlson, Carin, AAAI 2016",
+)
+register(
+    "fpsgld",
+    FPSGLD,
+    summary="flatness-aware pSGLD: perturbed-weight gradient with the RMSprop preconditioner",
+    reference="Bruno et al., arXiv:2510.02174 (ICML 2026); Li et al., AAAI 2016",
+)
+register(
+    "sghmc",
+    SGHMC,
+    summary="stochastic gradient Hamiltonian Monte Carlo, momentum form (friction alpha)",
+    reference="Chen, Fox, Guestrin, ICML 2014",
+)
+register(
+    "fsghmc",
+    FSGHMC,
+    summary="flatness-aware SGHMC: perturbed-weight gradient driving SGHMC dynamics",
+    reference="Bruno et al., arXiv:2510.02174 (ICML 2026); Chen et al., ICML 2014",
+)
+register(
+    "csgld",
+    CSGLD,
+    summary="cyclical SGLD: cosine step-size cycles, SGD exploration then sampling phases",
+    reference="Zhang, Li, Zhang, Chen, Wilson, ICLR 2020",
+)
+register(
+    "csghmc",
+    CSGHMC,
+    summary="cyclical SGHMC: cosine step-size cycles, momentum-SGD exploration then sampling",
+    reference="Zhang, Li, Zhang, Chen, Wilson, ICLR 2020",
+)
+register(
+    "cfsgld",
+    CFSGLD,
+    summary="cyclical fSGLD: cosine step-size cycles, SGD exploration then fSGLD sampling",
+    reference="Zhang et al., ICLR 2020; Bruno et al., arXiv:2510.02174 (ICML 2026)",
+)
+register(
+    "emcmc",
+    EMCMC,
+    summary="entropy-MCMC: Langevin on weights coupled to a flat-basin guide theta_a",
+    reference="Li & Zhang, ICLR 2024",
 )
 register(
     "sam",
