@@ -430,11 +430,11 @@ def sample(
             begin_chain(ChainContext(chain_model, batches.one_pass(device), burn_in, draws, thin))
         recorded_state = getattr(opt, "recorded_state", None)
         chain_draws = getattr(opt, "chain_draws", None)
+        planned = opt.planned_steps(burn_in, draws, thin)
         if c == 0:
             attrs.update(opt.config())
             attrs.update(posterior.config())
             attrs["sampler"] = sampler
-        planned = opt.planned_steps(burn_in, draws, thin)
         bar = _progress(progress, planned, c, chains)
         batch_iter = batches.iterate(data_gen, device)
         chain_model.train()
@@ -600,7 +600,8 @@ class _Recorder:
             value = state[key].detach().float().cpu().numpy()
             self._slot(self.weights, key, value.shape, np.float32)[chain, draw] = value
         for key, value in stats.items():
-            self._slot(self.stats, key, (), np.float64)[chain, draw] = value
+            value = np.asarray(value, dtype=np.float64)
+            self._slot(self.stats, key, value.shape, np.float64)[chain, draw] = value
         for name, (x, y) in self.sets.items():
             logits = _evaluate(model, x, eval_batch_size, device)
             log_probs = torch.log_softmax(logits, dim=-1)

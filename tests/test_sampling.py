@@ -236,7 +236,11 @@ def test_stats_fns_are_recorded_per_draw():
         return float(sum(p.pow(2).sum() for p in model.parameters()).sqrt())
 
     tr = _run(
-        stats_fns={"weight_norm": weight_norm, "lr_seen": lambda m, s: s.param_groups[0]["lr"]}
+        stats_fns={
+            "weight_norm": weight_norm,
+            "lr_seen": lambda m, s: s.param_groups[0]["lr"],
+            "bias": lambda m, s: m[2].bias.detach().numpy().copy(),
+        }
     )
     stats = btrace.groups(tr)["sample_stats"]
     post = btrace.groups(tr)["posterior"]
@@ -244,3 +248,5 @@ def test_stats_fns_are_recorded_per_draw():
                          for k in post.data_vars))  # fmt: skip
     np.testing.assert_allclose(stats["weight_norm"].values, direct, rtol=1e-5)
     np.testing.assert_array_equal(stats["lr_seen"].values, 0.05)
+    assert stats["bias"].shape == (2, 6, 3)
+    np.testing.assert_allclose(stats["bias"].values, post["2.bias"].values, rtol=1e-6)
