@@ -1,0 +1,610 @@
+"""Per-step time and memory of bayesflat's SGLD and fSGLD against ``torch.optim.SGD``.
+
+A *step* is zero grad + forward + backward + update on one fixed minibatch:
+
+- ``torch.optim.SGD``: ``opt.zero_grad(); posterior.potential(x, y).backward(); opt.step()``;
+- bayesflat samplers: ``opt.step(posterior.closure(x, y))``.
+
+All methods share one model, one batch and one :class:`~bayesflat.posterior.Posterior`
+(Gaussian prior of scale 1), run in one process on one thread, and are interleaved: every
+round runs each method for ``steps_per_round`` steps, in a freshly shuffled order, so that the
+load of a noisy machine falls on all of them alike. Times are CPU time of this thread (all the
+work runs on it; time spent waiting for a CPU is left out), with wall-clock time beside them.
+Reported: the median per-step time over rounds with its interquartile range; the median over
+rounds of the per-round ratio to SGD (paired within a round) with its interquartile range; and
+the CPU time spent outside the forward/backward pass, which all methods share, with the ratio
+it implies (see ``summarise``).
+
+Two cases:
+
+- ``convnet32``: :class:`~bayesflat.models.ConvNet32` on a 128 x 3 x 32 x 32 batch, where the
+  forward/backward pass dominates and fSGLD should cost what SGD costs (ratio <= 1.03);
+- ``digits_mlp``: the digits :class:`~bayesflat.models.MLP` (64-128-128-10) on a batch of 64,
+  where per-step overhead shows. Two references run beside the samplers:
+
+  - *floor*: the SGD step plus the noise itself, drawn into preallocated flat buffers (one
+    standard normal draw of all P parameters for SGLD; two, plus one P-sized copy for the
+    weight backup, for fSGLD). No sampler that draws its noise from ``torch.Generator`` can be
+    cheaper;
+  - *naive loop*: a textbook per-parameter Python loop (one ``torch.randn`` per tensor, a
+    ``clone`` per tensor for the backup), written here as the reference, not part of bayesflat.
+
+Memory, measured with ``torch.profiler`` (``profile_memory=True``), from its allocation
+events in time order:
+
+- *persistent*: bytes allocated during the first step of a fresh optimiser that are still
+  alive after it, less the gradients (sampler workspace and optimiser state), also counted in
+  parameter-sized buffers;
+- *peak in step*: the highest total of bytes allocated and not yet freed during one later
+  step (gradients, activations, temporaries), starting from parameters without gradients.
+
+Usage::
+
+    python benchmarks/step_time.py            # full run, about 2-3 minutes
+    python benchmarks/step_time.py --quick    # smoke run, seconds; timings meaningless
+    python benchmarks/step_time.py --out DIR  # write DIR/step_time.md and DIR/step_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+from bayesflat.models import MLP, ConvNet32
+from bayesflat.posterior import Posterior
+from bayesflat.samplers import FSGLD, SGLD, coupled_sigma, langevin_noise_scale
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BASELINE = "sgd"
+CLAIM_CASE, CLAIM_METHOD, CLAIM_BOUND = "convnet32", "fsgld", 1.03
+
+# Step size small enough that the weights barely move over a run; the temperature and the
+# coupled sigma are the defaults, so the samplers do all their work.
+LR = 1e-6
+TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model and batch, and how long to time it."""
+
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    batch_size: int
+    num_data: int
+    methods: tuple[str, ...]
+    min_rounds: int
+    max_rounds: int
+    budget_s: float
+    steps_per_round: int
+    warmup: int
+
+
+ALL_METHODS = ("sgd", "floor_sgld", "naive_sgld", "sgld", "floor_fsgld", "naive_fsgld", "fsgld")
+
+DESCRIPTIONS = {
+    "sgd": "torch.optim.SGD: zero_grad, forward, backward, step",
+    "floor_sgld": "floor: SGD step + 1 normal draw of all P parameters",
+    "naive_sgld": "reference: per-parameter Python loop SGLD (not bayesflat)",
+    "sgld": "bayesflat.samplers.SGLD",
+    "floor_fsgld": "floor: SGD step + 2 normal draws of P + 1 copy of P",
+    "naive_fsgld": "reference: per-parameter Python loop fSGLD (not bayesflat)",
+    "fsgld": "bayesflat.samplers.FSGLD",
+}
+
+
+def cases(quick: bool) -> list[Case]:
+    """The two benchmark cases; ``quick`` shrinks the CNN batch and the repetitions."""
+    return [
+        Case(
+            name="convnet32",
+            title="ConvNet32 (CNN for 3x32x32 images)",
+            build=ConvNet32,
+            input_shape=(3, 32, 32),
+            batch_size=16 if quick else 128,
+            num_data=50_000,
+            methods=("sgd", "sgld", "fsgld"),
+            min_rounds=2 if quick else 15,
+            max_rounds=2 if quick else 60,
+            budget_s=0.0 if quick else 90.0,
+            steps_per_round=1,
+            warmup=1 if quick else 2,
+        ),
+        Case(
+            name="digits_mlp",
+            title="digits MLP 64-128-128-10",
+            build=MLP,
+            input_shape=(64,),
+            batch_size=64,
+            num_data=1797,
+            methods=ALL_METHODS,
+            min_rounds=2 if quick else 60,
+            max_rounds=2 if quick else 200,
+            budget_s=0.0 if quick else 40.0,
+            steps_per_round=2 if quick else 20,
+            warmup=2 if quick else 50,
+        ),
+    ]
+
+
+# -- reference implementations (not bayesflat) --------------------------------------------------
+
+
+class NaiveLoopSampler(torch.optim.Optimizer):
+    """Reference only: SGLD / fSGLD written as a plain per-parameter Python loop.
+
+    Same update as bayesflat's samplers (``theta <- theta - lr g + sqrt(2 lr T / N) xi``, with
+    ``g`` taken at ``theta + sigma eps`` when ``sigma > 0``), but one ``torch.randn`` and, for
+    the backup, one ``clone`` per parameter tensor, every step.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        *,
+        lr: float,
+        num_data: int,
+        temperature: float,
+        sigma: float,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__(params, {"lr": lr})
+        self.noise_std = langevin_noise_scale(lr, temperature, num_data)
+        self.sigma = sigma
+        self.generator = generator
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        self.zero_grad(set_to_none=True)
+        params = [p for group in self.param_groups for p in group["params"]]
+        backups = []
+        if self.sigma > 0:
+            for p in params:
+                backups.append(p.clone())
+                p.add_(torch.randn(p.shape, generator=self.generator), alpha=self.sigma)
+        with torch.enable_grad():
+            loss = closure()
+        if backups:
+            for p, backup in zip(params, backups, strict=True):
+                p.copy_(backup)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.add_(p.grad, alpha=-group["lr"])
+                p.add_(torch.randn(p.shape, generator=self.generator), alpha=self.noise_std)
+        return loss
+
+
+# -- the methods --------------------------------------------------------------------------------
+
+
+@dataclass
+class Method:
+    """A step function, and the CPU seconds its steps spent inside forward + backward."""
+
+    step: Callable[[], None]
+    fwd_bwd_seconds: list[float]
+
+
+def build_methods(
+    case: Case, model: nn.Module, posterior: Posterior, x: Tensor, y: Tensor
+) -> dict[str, Callable[[], Method]]:
+    """For each method of ``case``, a factory of a fresh optimiser and its step function."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    num_params = sum(p.numel() for p in params)
+    sigma = coupled_sigma(TEMPERATURE, case.num_data)
+    generator = torch.Generator().manual_seed(1)
+    xi, eps, backup = (torch.empty(num_params) for _ in range(3))
+
+    def bayesflat(cls: type[torch.optim.Optimizer], seed: int) -> torch.optim.Optimizer:
+        return cls(
+            params,
+            lr=LR,
+            num_data=case.num_data,
+            temperature=TEMPERATURE,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def naive(sigma: float, seed: int) -> torch.optim.Optimizer:
+        return NaiveLoopSampler(
+            params,
+            lr=LR,
+            num_data=case.num_data,
+            temperature=TEMPERATURE,
+            sigma=sigma,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def sgd_step(extra: Callable[[], None] | None = None) -> Method:
+        opt = torch.optim.SGD(params, lr=LR)
+        clock = [0.0]
+
+        def step() -> None:
+            opt.zero_grad()
+            start = time.thread_time()
+            posterior.potential(x, y).backward()
+            clock[0] += time.thread_time() - start
+            opt.step()
+            if extra is not None:
+                extra()
+
+        return Method(step, clock)
+
+    def sampler_step(opt: torch.optim.Optimizer) -> Method:
+        clock = [0.0]
+
+        def step() -> None:
+            closure = posterior.closure(x, y)
+
+            def timed() -> Tensor:
+                start = time.thread_time()
+                loss = closure()
+                clock[0] += time.thread_time() - start
+                return loss
+
+            opt.step(timed)
+
+        return Method(step, clock)
+
+    def draw_xi() -> None:
+        xi.normal_(generator=generator)
+
+    def draw_eps_backup_xi() -> None:
+        eps.normal_(generator=generator)
+        backup.copy_(eps)
+        xi.normal_(generator=generator)
+
+    makers: dict[str, Callable[[], Method]] = {
+        "sgd": lambda: sgd_step(),
+        "floor_sgld": lambda: sgd_step(draw_xi),
+        "naive_sgld": lambda: sampler_step(naive(0.0, 4)),
+        "sgld": lambda: sampler_step(bayesflat(SGLD, 2)),
+        "floor_fsgld": lambda: sgd_step(draw_eps_backup_xi),
+        "naive_fsgld": lambda: sampler_step(naive(sigma, 5)),
+        "fsgld": lambda: sampler_step(bayesflat(FSGLD, 3)),
+    }
+    return {name: makers[name] for name in case.methods}
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+def time_rounds(
+    methods: dict[str, Method],
+    *,
+    min_rounds: int,
+    max_rounds: int,
+    budget_s: float,
+    steps_per_round: int,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """Per-step seconds of each method, one value per round; order shuffled every round.
+
+    Rounds go on until ``max_rounds``, or until ``budget_s`` seconds have passed and at least
+    ``min_rounds`` are done. Returns ``{"cpu": ..., "wall": ..., "outside": ...}``, each
+    ``{method: [seconds per step, one per round]}``: CPU time of this thread (all the work
+    runs on it with one torch thread; time spent descheduled by other processes is left out),
+    wall-clock time, and the CPU time spent outside forward + backward.
+    """
+    order = list(methods)
+    rng = random.Random(seed)
+    times: dict[str, dict[str, list[float]]] = {
+        kind: {name: [] for name in order} for kind in ("cpu", "wall", "outside")
+    }
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    started = time.perf_counter()
+    try:
+        for done in range(max_rounds):
+            if done >= min_rounds and time.perf_counter() - started > budget_s:
+                break
+            rng.shuffle(order)
+            for name in order:
+                step, clock = methods[name].step, methods[name].fwd_bwd_seconds
+                clock[0] = 0.0
+                wall0, cpu0 = time.perf_counter(), time.thread_time()
+                for _ in range(steps_per_round):
+                    step()
+                cpu = time.thread_time() - cpu0
+                times["cpu"][name].append(cpu / steps_per_round)
+                times["wall"][name].append((time.perf_counter() - wall0) / steps_per_round)
+                times["outside"][name].append((cpu - clock[0]) / steps_per_round)
+            gc.collect()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def _allocation_trace(step: Callable[[], None]) -> tuple[int, int]:
+    """``(peak, net)`` bytes of CPU allocations made during ``step``, from the profiler."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak, current
+
+
+def measure_memory(make: Callable[[], Method], params: list[Tensor]) -> dict[str, float]:
+    """Persistent workspace and in-step peak of a fresh optimiser (see the module docstring)."""
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    step = make().step
+    for p in params:
+        p.grad = None
+    _, net_first = _allocation_trace(step)
+    persistent = max(net_first - grad_bytes, 0)
+    step()
+    for p in params:
+        p.grad = None
+    peak, _ = _allocation_trace(step)
+    return {
+        "persistent_bytes": persistent,
+        "persistent_param_buffers": persistent / grad_bytes,
+        "peak_step_bytes": peak,
+    }
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _summary(values: list[float], ratios: list[float]) -> dict[str, float]:
+    q1, med, q3 = _quartiles(values)
+    r1, rmed, r3 = _quartiles(ratios)
+    return {
+        "median_ms": med * 1e3,
+        "q1_ms": q1 * 1e3,
+        "q3_ms": q3 * 1e3,
+        "ratio_median": rmed,
+        "ratio_q1": r1,
+        "ratio_q3": r3,
+    }
+
+
+def summarise(times: dict[str, dict[str, list[float]]], baseline: str = BASELINE) -> dict:
+    """Medians and IQRs per method, in ms, with the per-round ratios to ``baseline``.
+
+    ``cpu`` / ``wall``: step time and ``time / baseline time`` in the same round.
+    ``outside``: CPU time outside forward + backward, and the ratio it implies,
+    ``1 + (outside - baseline outside) / baseline step``, in the same round: the cost of a
+    method relative to the baseline with the shared forward/backward (the noisy part) taken
+    out, since every method runs the same forward and backward on the same batch.
+    """
+    out: dict[str, dict] = {}
+    base_cpu, base_outside = times["cpu"][baseline], times["outside"][baseline]
+    for name in times["cpu"]:
+        cpu, wall, outside = times["cpu"][name], times["wall"][name], times["outside"][name]
+        base_wall = times["wall"][baseline]
+        out[name] = {
+            "cpu": _summary(cpu, [v / b for v, b in zip(cpu, base_cpu, strict=True)]),
+            "wall": _summary(wall, [v / b for v, b in zip(wall, base_wall, strict=True)]),
+            "outside": _summary(
+                outside,
+                [
+                    1 + (o - bo) / b
+                    for o, bo, b in zip(outside, base_outside, base_cpu, strict=True)
+                ],
+            ),
+        }
+    return out
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    """Time and measure every method of ``case``; raw per-round times included."""
+    torch.manual_seed(0)
+    model = case.build()
+    x = torch.randn(case.batch_size, *case.input_shape)
+    y = torch.randint(0, 10, (case.batch_size,))
+    posterior = Posterior(model, num_data=case.num_data, temperature=TEMPERATURE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    makers = build_methods(case, model, posterior, x, y)
+
+    methods = {name: make() for name, make in makers.items()}
+    for method in methods.values():
+        for _ in range(case.warmup):
+            method.step()
+    started = time.perf_counter()
+    times = time_rounds(
+        methods,
+        min_rounds=case.min_rounds,
+        max_rounds=case.max_rounds,
+        budget_s=case.budget_s,
+        steps_per_round=case.steps_per_round,
+    )
+    timing_seconds = time.perf_counter() - started
+    memory = {name: measure_memory(make, params) for name, make in makers.items()}
+    summary = summarise(times)
+    for name in summary:
+        summary[name].update(description=DESCRIPTIONS[name], **memory[name])
+    return {
+        "title": case.title,
+        "batch_size": case.batch_size,
+        "input_shape": list(case.input_shape),
+        "num_data": case.num_data,
+        "num_params": sum(p.numel() for p in params),
+        "num_param_tensors": len(params),
+        "fsgld_sigma": coupled_sigma(TEMPERATURE, case.num_data),
+        "rounds": len(times["cpu"][BASELINE]),
+        "steps_per_round": case.steps_per_round,
+        "warmup_steps": case.warmup,
+        "timing_seconds": timing_seconds,
+        "methods": summary,
+        "per_round_seconds": times,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, library versions, thread count and the current load."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _iqr(s: dict[str, float]) -> str:
+    return f"{s['ratio_q1']:.3f}-{s['ratio_q3']:.3f}"
+
+
+def _verdict(ratio: float) -> str:
+    return "holds" if ratio <= CLAIM_BOUND else "does NOT hold"
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The results as a Markdown page (tables per case, machine, check of the claim)."""
+    m = results["machine"]
+    load = " -> ".join(
+        f"{a[0]:.2f}" for a in (m["load_average_start"], m["load_average_end"]) if a is not None
+    )
+    lines = [
+        "# Step time and memory: bayesflat samplers vs torch.optim.SGD",
+        "",
+        f"Written by `python benchmarks/step_time.py{' --quick' if results['quick'] else ''}` "
+        f"on {m['date_utc']} in {results['wall_seconds']:.0f} s.",
+        "",
+        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['platform']}",
+        f"- Python {m['python']}, torch {m['torch']}, **{m['torch_threads']} torch thread**",
+        f"- 1-minute load average at start -> end: {load} (other processes share the machine: "
+        "that is why methods are interleaved and ratios are paired per round)",
+        f"- lr = {LR:g}, T = {TEMPERATURE:g}, fSGLD sigma = (T/N)^((1+eta)/4), eta = 0.1, "
+        "one Gaussian perturbation per step; Posterior with a Gaussian prior of scale 1",
+        "",
+    ]
+    if results["quick"]:
+        lines += ["**Quick smoke run: the numbers below are not measurements.**", ""]
+    for name, case in results["cases"].items():
+        lines += [
+            f"## {case['title']}: `{name}`",
+            "",
+            f"Batch {case['batch_size']} x {'x'.join(map(str, case['input_shape']))}, "
+            f"N = {case['num_data']}, {case['num_params']:,} parameters in "
+            f"{case['num_param_tensors']} tensors, fSGLD sigma = {case['fsgld_sigma']:.4f}. "
+            f"{case['rounds']} rounds x {case['steps_per_round']} steps per method, "
+            f"after {case['warmup_steps']} warm-up steps.",
+            "",
+            "| method | what | CPU ms/step (IQR) | **ratio to SGD** (IQR) "
+            "| outside fwd/bwd, ms | ratio, fwd/bwd taken out (IQR) | wall ratio (IQR) "
+            "| persistent extra | peak in step |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for method, s in case["methods"].items():
+            c, o, w = s["cpu"], s["outside"], s["wall"]
+            lines.append(
+                f"| `{method}` | {s['description']} "
+                f"| {c['median_ms']:.3f} ({c['q1_ms']:.3f}-{c['q3_ms']:.3f}) "
+                f"| **{c['ratio_median']:.3f}** ({_iqr(c)}) "
+                f"| {o['median_ms']:.3f} | {o['ratio_median']:.3f} ({_iqr(o)}) "
+                f"| {w['ratio_median']:.3f} ({_iqr(w)}) "
+                f"| {s['persistent_param_buffers']:.2f} x params "
+                f"({_fmt_bytes(s['persistent_bytes'])}) | {_fmt_bytes(s['peak_step_bytes'])} |"
+            )
+        lines.append("")
+        if name == CLAIM_CASE and CLAIM_METHOD in case["methods"]:
+            c, o = (case["methods"][CLAIM_METHOD][k] for k in ("cpu", "outside"))
+            lines += [
+                f"Claim fSGLD / SGD <= {CLAIM_BOUND}: whole steps {c['ratio_median']:.3f} "
+                f"(IQR {_iqr(c)}), {_verdict(c['ratio_median'])}; with the shared "
+                f"forward/backward taken out {o['ratio_median']:.3f} (IQR {_iqr(o)}), "
+                f"{_verdict(o['ratio_median'])}.",
+                "",
+            ]
+    lines += [
+        "CPU ms/step: CPU time of the benchmark thread per step (all the work runs on it), "
+        "median over rounds. Ratio to SGD: median over rounds of (method time / SGD time in the "
+        "same round); IQR: interquartile range over rounds. Outside fwd/bwd: CPU time of a step "
+        "spent outside the forward and backward pass (zeroing, noise, perturbation, update, "
+        "Python); the ratio next to it is 1 + (outside - SGD outside) / SGD step, per round: the "
+        "same ratio without the noise of the forward/backward that all methods share. Wall "
+        "ratio: from wall-clock time, which also counts time the process waited for a CPU. "
+        "Persistent extra: workspace the optimiser keeps between steps, in parameter-sized "
+        "buffers. Peak in step: highest total of CPU allocations alive during one step "
+        "(gradients, activations, temporaries), from torch.profiler. See benchmarks/README.md.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(out_dir: str | Path = RESULTS_DIR, *, quick: bool = False) -> dict[str, Any]:
+    """Run every case on one thread, write ``step_time.md`` and ``step_time.json`` to ``out_dir``.
+
+    Returns the results dictionary that was written as JSON.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        machine = machine_info()
+        results_cases = {case.name: run_case(case) for case in cases(quick)}
+    finally:
+        torch.set_num_threads(threads)
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results = {
+        "quick": quick,
+        "wall_seconds": time.perf_counter() - started,
+        "machine": machine,
+        "cases": results_cases,
+    }
+    (out_dir / "step_time.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "step_time.md").write_text(render_markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: few tiny repetitions")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    args = parser.parse_args(argv)
+    results = run(args.out, quick=args.quick)
+    print(render_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The step-time benchmark runs and writes its report (structure only: no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def quick_run(step_time, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = step_time.run(out, quick=True)
+    return out, results
+
+
+def test_quick_run_writes_markdown_and_json(step_time, quick_run):
+    out, results = quick_run
+    md = (out / "step_time.md").read_text()
+    on_disk = json.loads((out / "step_time.json").read_text())
+    assert on_disk["quick"] is True
+    assert set(on_disk["cases"]) == {"convnet32", "digits_mlp"}
+    assert on_disk["cases"].keys() == results["cases"].keys()
+
+    for key in ("cpu", "torch", "torch_threads", "date_utc", "logical_cpus"):
+        assert key in on_disk["machine"]
+    assert on_disk["machine"]["torch_threads"] == 1
+
+    for header in ("ratio to SGD", "IQR", "outside fwd/bwd", "persistent extra", "peak in step"):
+        assert header in md
+    assert "Quick smoke run" in md
+    assert "Claim fSGLD / SGD <= 1.03" in md
+
+
+def test_every_method_has_its_columns(step_time, quick_run):
+    _, results = quick_run
+    mlp = results["cases"]["digits_mlp"]
+    assert tuple(mlp["methods"]) == step_time.ALL_METHODS
+    assert set(results["cases"]["convnet32"]["methods"]) == {"sgd", "sgld", "fsgld"}
+    for case in results["cases"].values():
+        assert case["rounds"] >= 2
+        for name, method in case["methods"].items():
+            for kind in ("cpu", "wall", "outside"):
+                stats = method[kind]
+                for key in ("median_ms", "q1_ms", "q3_ms", "ratio_median", "ratio_q1", "ratio_q3"):
+                    assert math.isfinite(stats[key]), (name, kind, key)
+            assert method["cpu"]["median_ms"] > 0
+            assert method["persistent_bytes"] >= 0 and method["peak_step_bytes"] >= 0
+            assert len(case["per_round_seconds"]["cpu"][name]) == case["rounds"]
+        assert case["methods"]["sgd"]["cpu"]["ratio_median"] == 1.0
+
+
+def test_markdown_lists_every_method(quick_run):
+    out, results = quick_run
+    md = (out / "step_time.md").read_text()
+    for case in results["cases"].values():
+        for name in case["methods"]:
+            assert f"| `{name}` |" in md
+
+
+def test_cli_quick_writes_into_out(step_time, tmp_path, capsys):
+    step_time.main(["--quick", "--out", str(tmp_path / "cli")])
+    assert (tmp_path / "cli" / "step_time.md").is_file()
+    assert (tmp_path / "cli" / "step_time.json").is_file()
+    assert "digits_mlp" in capsys.readouterr().out
