@@ -1,20 +1,25 @@
-"""Command line: ``bayesflat run``, ``bayesflat samplers``.
+"""Command line: ``bayesflat run``, ``report``, ``compare`` and ``samplers``.
+
+- ``bayesflat run`` samples the embedded digits posterior and writes ``trace.nc``,
+  ``metrics.json`` and ``report.html`` into its output folder, then prints the headline table;
+- ``bayesflat report TRACE`` writes ``metrics.json`` and ``report.html`` for a saved trace;
+- ``bayesflat compare RUN...`` puts several runs in one table with a combined reliability plot;
+- ``bayesflat samplers`` lists the registry.
 
 Every command exits non-zero with a one-line message on bad input or a failed run; a run that
-stops early has already saved the draws it kept.
+stops early has already saved the draws it kept. Sub-commands live in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 
 class CLIError(Exception):
@@ -79,16 +84,42 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=float, default=0.1, help="validation fraction of train")
     p.add_argument("--output", type=Path, default=None, help="output folder (default: named)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--no-report", action="store_true",
+        help="write trace.nc and metrics.json only, without the figures of report.html",
+    )  # fmt: skip
+    add_report_options(p)
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that writes a report."""
+    p.add_argument(
+        "--replicates", type=int, default=200, metavar="N",
+        help="bootstrap replicates of the Monte-Carlo errors (default 200)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ensemble", default="auto", choices=("auto", "bma", "final"),
+        help="bma: average of all draws; final: last draw of each chain as a point estimate; "
+        "auto: final for optimisers and T = 0, bma otherwise",
+    )  # fmt: skip
+
+
+def _report_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.replicates < 2:
+        raise CLIError(f"--replicates must be at least 2, got {args.replicates}")
+    return {"n_boot": args.replicates, "ensemble": args.ensemble}
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Sample the digits posterior and write ``trace.nc`` and ``metrics.json``."""
+    """Sample the digits posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
     import torch
 
     from bayesflat import data as bdata
     from bayesflat import models, sampling
+    from bayesflat.report import build_report
 
     options = _parse_options(args.option)
+    report_options = _report_options(args)
     for name in ("sigma", "eta"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -127,44 +158,82 @@ def run_command(args: argparse.Namespace) -> int:
         )
     except sampling.SamplingError as err:
         raise CLIError(str(err)) from None
-    summary = summarise_run(result)
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_summary(summary))
-    print(f"wrote {trace_path} and {out_dir / 'metrics.json'}")
+    report = build_report(result, figures=not args.no_report, **report_options)
+    paths = report.save(out_dir, html=not args.no_report)
+    print(report.headline())
+    print(f"wrote {', '.join(str(p) for p in (trace_path, *paths.values()))}")
     return 0
 
 
-def summarise_run(result: Any) -> dict[str, Any]:
-    """Headline numbers of a trace: accuracy and NLL of the model average on the test set."""
-    import numpy as np
+def _trace_path(path: Path) -> Path:
+    if path.is_dir():
+        candidate = path / "trace.nc"
+        if not candidate.is_file():
+            raise CLIError(f"{path} is a folder without trace.nc; pass a trace file or run folder")
+        return candidate
+    return path
 
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``bayesflat report``."""
+    p.add_argument("trace", type=Path, help="trace file (.nc) or a run folder holding trace.nc")
+    p.add_argument(
+        "--output", type=Path, default=None,
+        help="folder for metrics.json and report.html (default: the trace's folder)",
+    )  # fmt: skip
+    add_report_options(p)
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Write ``metrics.json`` and ``report.html`` for a saved trace."""
     from bayesflat import trace as btrace
+    from bayesflat.report import build_report
 
-    groups = btrace.groups(result)
-    attrs = btrace.trace_attrs(result)
-    probs = groups["predictions"]["test"].values
-    labels = groups["observed_data"]["test"].values.astype(int)
-    bma = probs.reshape(-1, *probs.shape[2:]).mean(axis=0)
-    p_true = np.clip(bma[np.arange(labels.size), labels], np.finfo(np.float64).tiny, None)
-    return {
-        "sampler": attrs.get("sampler"),
-        "chains": int(probs.shape[0]),
-        "draws": int(probs.shape[1]),
-        "test": {
-            "accuracy": float(np.mean(bma.argmax(axis=1) == labels)),
-            "nll": float(-np.mean(np.log(p_true))),
-        },
-    }
+    report_options = _report_options(args)
+    path = _trace_path(args.trace)
+    report = build_report(btrace.load(path), **report_options)
+    paths = report.save(args.output or path.parent)
+    print(report.headline())
+    print(f"wrote {paths['json']} and {paths['html']}")
+    return 0
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """A short text table of :func:`summarise_run`'s numbers."""
-    rows = [("metric", "value")] + [(k, f"{v:.4f}") for k, v in summary["test"].items()]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"Bayesian model average on the test split ({summary['sampler']}, "
-             f"{summary['chains']} chains x {summary['draws']} draws)"]  # fmt: skip
-    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
-    return "\n".join(lines)
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``bayesflat compare``."""
+    p.add_argument(
+        "runs", type=Path, nargs="+", metavar="RUN",
+        help="run folders of `bayesflat run` (metrics.json or trace.nc), or trace files",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", type=Path, default=Path("bayesflat-compare"),
+        help="folder for comparison.json, comparison.html and reliability.png "
+        "(default: bayesflat-compare)",
+    )  # fmt: skip
+    add_report_options(p)
+
+
+def _run_names(paths: Sequence[Path]) -> list[str]:
+    names = [(p if p.is_dir() else p.parent).resolve().name or str(p) for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    if len(set(names)) < len(names):
+        raise CLIError("the same run is given twice; pass every run once")
+    return names
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """Compare several runs: one table with Monte-Carlo errors and a combined reliability plot."""
+    from bayesflat.report import compare, load_summary
+
+    report_options = _report_options(args)
+    names = _run_names(args.runs)
+    summaries = {name: load_summary(path, **report_options) for name, path in
+                 zip(names, args.runs, strict=True)}  # fmt: skip
+    comparison = compare(summaries)
+    paths = comparison.save(args.output)
+    print(comparison.table())
+    print(f"wrote {paths['json']}, {paths['html']} and {paths['png']}")
+    return 0
 
 
 def samplers_command(args: argparse.Namespace) -> int:
@@ -179,22 +248,52 @@ def samplers_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def diagnose_command(args: argparse.Namespace) -> int:
+    """Print the diagnose table of a saved trace; write diagnostics.json and .html beside it."""
+    from bayesflat.diagnostics.report import write_diagnostics
+
+    result, json_path, html_path = write_diagnostics(args.trace)
+    print(result.to_text())
+    print(f"wrote {json_path} and {html_path}")
+    return 0
+
+
+class Command(NamedTuple):
+    """One sub-command: its name, one-line help, argument builder and implementation."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    Command("run", "sample the embedded digits posterior and report it", add_run_arguments,
+            run_command),
+    Command("report", "write the HTML and JSON report of a saved trace", add_report_arguments,
+            report_command),
+    Command("compare", "compare several runs in one table and reliability plot",
+            add_compare_arguments, compare_command),
+    Command("samplers", "list the registered samplers and optimisers", None, samplers_command),
+    Command("diagnose", "convergence, temperature and flatness verdicts of a saved trace",
+            lambda p: p.add_argument("trace", type=Path, help="trace file or run folder"),
+            diagnose_command),
+]  # fmt: skip
+"""The sub-commands of ``bayesflat``, in help order; append a :class:`Command` to add one."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``bayesflat`` argument parser with every sub-command."""
+    """The ``bayesflat`` argument parser with every sub-command of :data:`COMMANDS`."""
     parser = _Parser(prog="bayesflat", description=__doc__.splitlines()[0])
     from bayesflat import __version__
 
     parser.add_argument("--version", action="version", version=f"bayesflat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    commands: list[tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Any]] = [
-        ("run", "sample the embedded digits posterior", add_run_arguments, run_command),
-        ("samplers", "list the registered samplers and optimisers", None, samplers_command),
-    ]
-    for name, help_text, add_args, func in commands:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if add_args is not None:
-            add_args(p)
-        p.set_defaults(func=func)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        if command.add_arguments is not None:
+            command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
@@ -204,8 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (CLIError, ValueError, TypeError, FileNotFoundError, OSError) as err:
-        print(f"bayesflat {args.command}: error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, OSError) as err:
+        # One line, whatever the message holds (HDF5 errors span several).
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"bayesflat {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"bayesflat {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,858 @@
+r"""Predictive ensembles of a trace: the Bayesian model average and its uncertainty.
+
+The draws :math:`\theta^{(c,d)}` of C chains with D draws each give per-draw class
+probabilities :math:`p^{(c,d)}(y \mid x)`. The Bayesian model average (BMA) averages
+*probabilities*, never logits:
+
+.. math:: \bar p(y \mid x) = \frac{1}{CD} \sum_{c=1}^{C} \sum_{d=1}^{D} p^{(c,d)}(y \mid x).
+
+An :class:`Ensemble` holds those per-draw probabilities for one input set, read from a trace's
+``predictions`` group (:func:`from_trace`) or recomputed from the stored weights
+(:func:`predict`). :func:`decompose_uncertainty` splits the predictive entropy into its
+aleatoric and epistemic parts; :func:`estimate` attaches a Monte-Carlo error over the posterior
+draws to any metric of the ensemble, and :func:`calibration` and :func:`ood_detection` use it for
+the calibration and OOD-detection metrics of :mod:`bayesflat.metrics`.
+
+Two ways of averaging, the ``ensemble`` argument of the metric functions:
+
+- ``"bma"``: the metric of the BMA of all draws; its Monte-Carlo error comes from resampling
+  chains (or draws, with one chain), see :func:`estimate`;
+- ``"final"``: a point estimate per chain (the last draw of each chain, e.g. the final iterate
+  of an optimiser run); the metric is computed for each chain separately and reported as the
+  mean over chains with the standard error of that mean.
+
+OOD convention, as everywhere in bayesflat: OOD is the positive class and a higher score means
+more OOD.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bayesflat import metrics
+from bayesflat import trace as _trace
+from bayesflat.metrics._validation import check_probs
+
+__all__ = [
+    "ENSEMBLES",
+    "MC_METHODS",
+    "Ensemble",
+    "Estimate",
+    "Uncertainty",
+    "bma",
+    "calibration",
+    "chain_bma",
+    "decompose_uncertainty",
+    "estimate",
+    "eval_sets",
+    "from_trace",
+    "ood_detection",
+    "ood_scores",
+    "predict",
+    "variation_ratio",
+]
+
+ENSEMBLES = ("bma", "final")
+"""Ways of turning the draws into a prediction: BMA of all draws, or the last draw per chain."""
+
+MC_METHODS = ("bootstrap", "spread")
+"""Monte-Carlo error estimators of :func:`estimate`."""
+
+CALIBRATION_METRICS = ("accuracy", "nll", "brier_score", "ece", "mce")
+OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Ensemble:
+    """Per-draw class probabilities of one input set.
+
+    Attributes
+    ----------
+    probs : ndarray, shape (chain, draw, n, K)
+        Class probabilities of every draw, float32 or float64, rows summing to 1.
+    labels : ndarray of int, shape (n,), or None
+        True classes, when the set is labelled.
+    logits : ndarray, shape (chain, draw, n, K), or None
+        Logits of every draw, when they were stored (needed by the energy score).
+    name : str
+        Name of the input set (e.g. ``"test"``, ``"ood_patches"``).
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        probs = np.asarray(self.probs)
+        if probs.ndim != 4:
+            raise ValueError(
+                f"Ensemble.probs must have shape (chain, draw, n, K), got {probs.shape}; "
+                "for S draws of one chain pass probs[None]"
+            )
+        object.__setattr__(self, "probs", probs)
+        if self.labels is not None:
+            labels = np.asarray(self.labels)
+            if labels.shape != (probs.shape[2],) or labels.dtype.kind not in "iu":
+                raise ValueError(
+                    f"Ensemble.labels must be integers of shape ({probs.shape[2]},), got "
+                    f"{labels.dtype} {labels.shape}"
+                )
+            object.__setattr__(self, "labels", labels.astype(np.intp, copy=False))
+        if self.logits is not None:
+            logits = np.asarray(self.logits)
+            if logits.shape != probs.shape:
+                raise ValueError(
+                    f"Ensemble.logits must have the shape of probs {probs.shape}, got "
+                    f"{logits.shape}"
+                )
+            object.__setattr__(self, "logits", logits)
+
+    @property
+    def chains(self) -> int:
+        """Number of chains C."""
+        return int(self.probs.shape[0])
+
+    @property
+    def draws(self) -> int:
+        """Draws per chain D."""
+        return int(self.probs.shape[1])
+
+    @property
+    def size(self) -> int:
+        """Number of inputs n."""
+        return int(self.probs.shape[2])
+
+    def mean(self) -> np.ndarray:
+        """The pooled BMA over all chains and draws, float64 ``(n, K)`` (see :func:`bma`)."""
+        return bma(self.probs)
+
+    def chain_mean(self) -> np.ndarray:
+        """The BMA of each chain, float64 ``(C, n, K)`` (see :func:`chain_bma`)."""
+        return chain_bma(self.probs)
+
+    def uncertainty(self) -> Uncertainty:
+        """Per-input uncertainty decomposition of all draws (see :func:`decompose_uncertainty`)."""
+        return decompose_uncertainty(self.probs)
+
+    def head(self, draws: int) -> Ensemble:
+        """The first ``draws`` draws of every chain."""
+        if not 1 <= draws <= self.draws:
+            raise ValueError(f"draws must be in [1, {self.draws}], got {draws}")
+        logits = None if self.logits is None else self.logits[:, :draws]
+        return Ensemble(self.probs[:, :draws], self.labels, logits, self.name)
+
+    def final(self, chain: int | None = None) -> Ensemble:
+        """The last draw of every chain, ``(C, 1, n, K)``: one point estimate per chain.
+
+        With ``chain`` given, only that chain's last draw, ``(1, 1, n, K)``.
+        """
+        rows = slice(None) if chain is None else slice(chain, chain + 1)
+        if chain is not None and not 0 <= chain < self.chains:
+            raise ValueError(f"chain must be in [0, {self.chains}), got {chain}")
+        logits = None if self.logits is None else self.logits[rows, -1:]
+        return Ensemble(self.probs[rows, -1:], self.labels, logits, self.name)
+
+    def __repr__(self) -> str:
+        labelled = "labelled" if self.labels is not None else "unlabelled"
+        logits = ", logits" if self.logits is not None else ""
+        return (
+            f"Ensemble({self.name!r}: {self.chains} chains x {self.draws} draws, "
+            f"{self.size} inputs, {self.probs.shape[3]} classes, {labelled}{logits})"
+        )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A number with its Monte-Carlo error over the posterior draws.
+
+    Attributes
+    ----------
+    value : float
+        The estimate, in the metric's units.
+    mc_error : float or None
+        Its Monte-Carlo standard error, same units; None where it cannot be estimated (one
+        chain with ``ensemble="final"`` or ``method="spread"``).
+    """
+
+    value: float
+    mc_error: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        """``{"value": ..., "mc_error": ...}``, non-finite numbers as None (JSON null)."""
+        return {"value": _finite_or_none(self.value), "mc_error": _finite_or_none(self.mc_error)}
+
+    def format(self, digits: int = 4) -> str:
+        """``"value ± mc_error"`` with ``digits`` decimals, ``"n/a"`` for a missing number."""
+        value = _finite_or_none(self.value)
+        if value is None:
+            return "n/a"
+        error = _finite_or_none(self.mc_error)
+        text = f"{value:.{digits}f}"
+        return text if error is None else f"{text} ± {error:.{digits}f}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    r"""Per-input uncertainty of an ensemble of S members, every array of shape ``(n,)``.
+
+    Attributes
+    ----------
+    total : ndarray
+        Predictive entropy :math:`H[\bar p]` of the BMA, nats.
+    aleatoric : ndarray
+        Expected entropy :math:`\frac1S \sum_s H[p^{(s)}]`, nats.
+    epistemic : ndarray
+        Mutual information between label and parameters,
+        :math:`H[\bar p] - \frac1S \sum_s H[p^{(s)}] \ge 0`, nats; ``total = aleatoric +
+        epistemic`` up to rounding (the mutual information is clipped at 0).
+    variation_ratio : ndarray
+        :math:`1 - f_{mode} / S`, the fraction of members that do not vote for the most voted
+        class, in ``[0, 1 - 1/K]``.
+    max_prob : ndarray
+        Confidence of the BMA, :math:`\max_k \bar p_k`, in ``[1/K, 1]``.
+    """
+
+    total: np.ndarray
+    aleatoric: np.ndarray
+    epistemic: np.ndarray
+    variation_ratio: np.ndarray
+    max_prob: np.ndarray
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _members(member_probs: Any) -> np.ndarray:
+    """Float64 members ``(S, n, K)`` from ``(S, n, K)``, ``(C, D, n, K)`` or an Ensemble."""
+    if isinstance(member_probs, Ensemble):
+        member_probs = member_probs.probs
+    p = check_probs(member_probs, "member_probs", ndim=-3)
+    return p.reshape(-1, *p.shape[-2:])
+
+
+def _renormalise(p: np.ndarray) -> np.ndarray:
+    # An average of float32 rows sums to 1 only within ~1e-7; metrics expect exact sums.
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def bma(member_probs: Any) -> np.ndarray:
+    r"""Bayesian model average of per-draw class probabilities.
+
+    .. math:: \bar p_{ik} = \frac1S \sum_s p^{(s)}_{ik}
+
+    Probabilities are averaged, not logits: the average of softmaxes is the posterior
+    predictive, the softmax of averaged logits is not.
+
+    Parameters
+    ----------
+    member_probs : array_like or Ensemble
+        Per-draw probabilities ``(S, n, K)`` or ``(chain, draw, n, K)``; all leading axes are
+        pooled into the S members.
+
+    Returns
+    -------
+    ndarray, shape (n, K)
+        float64 probabilities, rows summing to 1.
+    """
+    return _renormalise(_members(member_probs).mean(axis=0))
+
+
+def chain_bma(member_probs: Any) -> np.ndarray:
+    r"""Bayesian model average of each chain, :math:`\bar p_c = \frac1D \sum_d p^{(c,d)}`.
+
+    Parameters
+    ----------
+    member_probs : array_like or Ensemble
+        Per-draw probabilities ``(chain, draw, n, K)``.
+
+    Returns
+    -------
+    ndarray, shape (chain, n, K)
+        float64 probabilities, rows summing to 1.
+    """
+    if isinstance(member_probs, Ensemble):
+        member_probs = member_probs.probs
+    p = check_probs(member_probs, "member_probs", ndim=4)
+    return _renormalise(p.mean(axis=1))
+
+
+def variation_ratio(member_probs: Any) -> np.ndarray:
+    r"""Variation ratio of the members' top-1 votes, OOD-positive.
+
+    .. math:: \mathrm{VR}_i = 1 - \frac{1}{S} \max_k \sum_s \mathbb 1[\arg\max_j p^{(s)}_{ij} = k]
+
+    0 when every member predicts the same class; OOD is the positive class and a higher value
+    means more OOD.
+
+    Parameters
+    ----------
+    member_probs : array_like or Ensemble
+        Per-draw probabilities ``(S, n, K)`` or ``(chain, draw, n, K)``.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        Dimensionless, in ``[0, 1 - 1/K]`` (ties of the argmax go to the lowest class).
+    """
+    p = _members(member_probs)
+    votes = np.zeros(p.shape[1:], dtype=np.int64)
+    np.add.at(votes, (np.arange(p.shape[1])[None, :], p.argmax(axis=-1)), 1)
+    return 1.0 - votes.max(axis=1) / p.shape[0]
+
+
+def decompose_uncertainty(member_probs: Any) -> Uncertainty:
+    r"""Split the predictive entropy of an ensemble into aleatoric and epistemic parts.
+
+    .. math:: \underbrace{H\Big[\frac1S \sum_s p^{(s)}\Big]}_{\text{total}}
+       = \underbrace{\frac1S \sum_s H\big[p^{(s)}\big]}_{\text{aleatoric}}
+       + \underbrace{I(y; \theta \mid x)}_{\text{epistemic}}
+
+    computed with :func:`bayesflat.metrics.entropy_score`,
+    :func:`~bayesflat.metrics.expected_entropy_score` and
+    :func:`~bayesflat.metrics.mutual_information_score` (entropies in nats), plus the
+    :func:`variation_ratio` and the BMA confidence. Every part is zero-or-positive and
+    OOD-positive except ``max_prob``, which is higher for in-distribution inputs.
+
+    Parameters
+    ----------
+    member_probs : array_like or Ensemble
+        Per-draw probabilities ``(S, n, K)`` or ``(chain, draw, n, K)``.
+
+    Returns
+    -------
+    Uncertainty
+        Arrays of shape ``(n,)``.
+    """
+    p = _members(member_probs)
+    # Not renormalised: the parts then add up exactly, as in mutual_information_score.
+    mean = p.mean(axis=0)
+    return Uncertainty(
+        total=metrics.entropy_score(mean),
+        aleatoric=metrics.expected_entropy_score(p),
+        epistemic=metrics.mutual_information_score(p),
+        variation_ratio=variation_ratio(p),
+        max_prob=mean.max(axis=1),
+    )
+
+
+def eval_sets(trace: Any) -> dict[str, bool]:
+    """The evaluation sets whose predictions a trace holds, and whether each is labelled.
+
+    Logits stored by ``sample(..., store_logits=True)`` as ``<set>_logits`` belong to
+    ``<set>`` and are not sets of their own.
+
+    Parameters
+    ----------
+    trace : arviz.InferenceData or xarray.DataTree
+
+    Returns
+    -------
+    dict of str to bool
+        Set name to ``True`` when ``observed_data`` holds its labels, in stored order.
+    """
+    predictions = _trace.get_group(trace, "predictions")
+    if predictions is None:
+        raise ValueError(
+            "the trace has no predictions group; sample with eval_sets=... to store predictions"
+        )
+    observed = _trace.get_group(trace, "observed_data")
+    labelled = set() if observed is None else set(observed.data_vars)
+    names = [str(v) for v in predictions.data_vars]
+    sets = {}
+    for name in names:
+        if name.endswith("_logits") and name[: -len("_logits")] in names:
+            continue
+        sets[_trace.decode_name(name)] = name in labelled
+    return sets
+
+
+def _kept_draws(trace: Any, chains: int, draws: int) -> tuple[list[int], int]:
+    """Chains and leading draws that hold values (a stopped run leaves NaN behind)."""
+    kept = _trace.trace_attrs(trace).get("draws_kept")
+    if kept is None:
+        return list(range(chains)), draws
+    kept = [int(k) for k in np.atleast_1d(kept)][:chains]
+    full = [c for c, k in enumerate(kept) if k > 0]
+    if not full:
+        raise ValueError("the trace holds no completed draw (draws_kept is 0 for every chain)")
+    return full, min(kept[c] for c in full)
+
+
+def from_trace(trace: Any, name: str = "test") -> Ensemble:
+    """The stored predictions of one evaluation set as an :class:`Ensemble`.
+
+    A trace of a run that stopped early keeps the chains with at least one draw, cut to the
+    draw count of the shortest of them.
+
+    Parameters
+    ----------
+    trace : arviz.InferenceData or xarray.DataTree
+        A trace with a ``predictions`` group (``sample(..., eval_sets=...)``).
+    name : str, default "test"
+        Evaluation set; its labels come from ``observed_data`` and its logits from
+        ``predictions[f"{name}_logits"]`` when present.
+
+    Returns
+    -------
+    Ensemble
+    """
+    sets = eval_sets(trace)
+    if name not in sets:
+        raise ValueError(
+            f"the trace has no predictions for the evaluation set {name!r}; it holds {list(sets)}"
+        )
+    predictions = _trace.get_group(trace, "predictions")
+    var = _trace.encode_name(name)
+    probs = predictions[var].values
+    chains, n_draws = _kept_draws(trace, *probs.shape[:2])
+    probs = probs[chains, :n_draws]
+    logits = None
+    if f"{var}_logits" in predictions:
+        logits = predictions[f"{var}_logits"].values[chains, :n_draws]
+    labels = None
+    if sets[name]:
+        labels = _trace.get_group(trace, "observed_data")[var].values
+    return Ensemble(probs, labels, logits, name)
+
+
+def predict(
+    trace: Any,
+    model: Any,
+    x: Any,
+    *,
+    batch_size: int = 1024,
+    labels: Any = None,
+    device: Any = None,
+    name: str = "inputs",
+) -> Ensemble:
+    r"""Class probabilities of new inputs under every stored draw of a trace.
+
+    For every chain c and draw d the stored weights are loaded into a copy of ``model`` (one
+    draw's ``state_dict`` at a time) and ``x`` is passed through in batches of ``batch_size``
+    in eval mode without gradients:
+    :math:`p^{(c,d)} = \operatorname{softmax}(f_{\theta^{(c,d)}}(x))`, computed as
+    ``exp(log_softmax(logits))`` in float32, as the sampling driver stores them.
+
+    Parameters
+    ----------
+    trace : arviz.InferenceData or xarray.DataTree
+        A trace whose ``posterior`` holds every floating ``state_dict`` entry of ``model``
+        (``sample(..., store_weights=True)``, the default).
+    model : torch.nn.Module
+        The network the trace was sampled with; it is copied, not modified. Integer buffers
+        (which the trace does not store) keep the model's values.
+    x : torch.Tensor or ndarray, shape (n, ...)
+        Inputs.
+    batch_size : int, default 1024
+        Inputs per forward pass.
+    labels : array_like of int, shape (n,), optional
+        True classes, attached to the result.
+    device : torch.device or str, optional
+        Where to evaluate; default the device of the model's parameters.
+    name : str, default "inputs"
+        Name of the result.
+
+    Returns
+    -------
+    Ensemble
+        ``probs`` and ``logits`` float32 ``(chain, draw, n, K)``; memory ``2 * C * D * n * K``
+        floats.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must hold at least one input along its first axis, got {x.shape}")
+    if x.is_floating_point() and x.dtype == torch.float64:
+        x = x.float()
+    posterior = _trace.get_group(trace, "posterior")
+    if posterior is None:
+        raise ValueError("the trace has no posterior group; it stores no weights")
+    net = copy.deepcopy(model)
+    if device is None:
+        params = list(net.parameters())
+        device = params[0].device if params else torch.device("cpu")
+    net.to(device).eval()
+    state = net.state_dict()
+    stored = {_trace.decode_name(str(v)): str(v) for v in posterior.data_vars}
+    missing = [k for k, v in state.items() if v.is_floating_point() and k not in stored]
+    if missing:
+        raise ValueError(
+            f"the trace does not store the weights {missing} of this model; sample with "
+            "store_weights=True, or pass the model the trace was sampled with"
+        )
+    keys = [k for k in state if k in stored]
+    for key in keys:
+        shape = posterior[stored[key]].shape[2:]
+        if tuple(shape) != tuple(state[key].shape):
+            raise ValueError(
+                f"stored weight {key!r} has shape {tuple(shape)} but the model's has "
+                f"{tuple(state[key].shape)}; pass the model the trace was sampled with"
+            )
+    arrays = {key: posterior[stored[key]].values for key in keys}
+    chains, n_draws = _kept_draws(trace, *next(iter(arrays.values())).shape[:2])
+    probs = logits = None
+    with torch.no_grad():
+        for i, c in enumerate(chains):
+            for d in range(n_draws):
+                net.load_state_dict(
+                    {
+                        key: torch.from_numpy(np.ascontiguousarray(a[c, d]))
+                        for key, a in arrays.items()
+                    },
+                    strict=False,
+                )
+                out = torch.cat(
+                    [
+                        net(x[s : s + batch_size].to(device))
+                        for s in range(0, x.shape[0], batch_size)
+                    ]
+                ).float()
+                if probs is None:
+                    shape = (len(chains), n_draws, *out.shape)
+                    probs, logits = np.empty(shape, np.float32), np.empty(shape, np.float32)
+                logits[i, d] = out.cpu().numpy()
+                probs[i, d] = torch.log_softmax(out, dim=-1).exp().cpu().numpy()
+    return Ensemble(probs, labels, logits, name)
+
+
+def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def estimate(
+    features: Mapping[str, Any],
+    fn: Callable[[dict[str, np.ndarray]], Mapping[str, float]],
+    *,
+    ensemble: str = "bma",
+    method: str = "bootstrap",
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, Estimate]:
+    r"""Metrics of an ensemble with their Monte-Carlo errors over the posterior draws.
+
+    ``features`` are per-draw arrays ``(C, D, ...)`` (class probabilities, member entropies,
+    energies...); ``fn`` maps their averages over draws to named metrics. With
+    :math:`\bar F = \frac{1}{CD} \sum_{c,d} w_{cd} F^{(c,d)}` for multiplicities :math:`w`:
+
+    - ``ensemble="bma"``, ``method="bootstrap"``: value :math:`f(\bar F)` with all
+      :math:`w = 1`; error the standard deviation (ddof = 1) of :math:`f(\bar F^{(b)})` over
+      ``n_boot`` replicates that resample whole chains with replacement (with one chain: draws
+      within it). The replicate weights are those of
+      :func:`bayesflat.metrics.bootstrap_metric`, so for ``F = probs`` and a scalar metric both
+      give the same number; here ``fn`` may return several metrics and depend on any per-draw
+      feature (e.g. the mutual information needs member entropies);
+    - ``ensemble="bma"``, ``method="spread"``: value :math:`f(\bar F)`; error
+      :math:`\operatorname{std}_c f(\bar F_c) / \sqrt C` from the per-chain averages, as
+      :func:`bayesflat.metrics.per_chain_spread` (None for one chain);
+    - ``ensemble="final"``: :math:`f` of the last draw of each chain; value the mean over
+      chains, error its standard error :math:`\operatorname{std}_c / \sqrt C` (None for one
+      chain); ``method`` is not used.
+
+    Parameters
+    ----------
+    features : mapping of str to array_like, shape (C, D, ...)
+        Per-draw arrays sharing ``(C, D)``.
+    fn : callable
+        ``fn(averages) -> {metric: float}``; ``averages`` maps each feature name to its float64
+        average over draws, shape ``(...)``.
+    ensemble : {"bma", "final"}, default "bma"
+    method : {"bootstrap", "spread"}, default "bootstrap"
+    n_boot : int, default 200
+        Bootstrap replicates, >= 2.
+    seed : int, default 0
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    dict of str to Estimate
+        One entry per metric ``fn`` returns.
+    """
+    _check_choice(ensemble, "ensemble", ENSEMBLES)
+    _check_choice(method, "method", MC_METHODS)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
+        raise ValueError(f"n_boot must be an integer >= 2, got {n_boot!r}")
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}
+    if not arrays:
+        raise ValueError("features is empty; pass at least one per-draw array")
+    lead = next(iter(arrays.values())).shape[:2]
+    for key, value in arrays.items():
+        if value.ndim < 2 or value.shape[:2] != lead:
+            raise ValueError(
+                f"features[{key!r}] has shape {value.shape}; every feature must start with "
+                f"the (chain, draw) shape {lead}"
+            )
+    n_chains, n_draws = lead
+
+    def evaluate(avg: dict[str, np.ndarray]) -> dict[str, float]:
+        return {k: float(v) for k, v in fn(avg).items()}
+
+    if ensemble == "final":
+        per_chain = [evaluate({k: v[c, -1] for k, v in arrays.items()}) for c in range(n_chains)]
+        return _mean_and_se(per_chain)
+    value = evaluate({k: v.mean(axis=(0, 1)) for k, v in arrays.items()})
+    if method == "spread":
+        per_chain = [
+            evaluate({k: v[c].mean(axis=0) for k, v in arrays.items()}) for c in range(n_chains)
+        ]
+        errors = _mean_and_se(per_chain)
+        return {k: Estimate(v, errors[k].mc_error) for k, v in value.items()}
+    flat = {k: v.reshape(n_chains * n_draws, -1) for k, v in arrays.items()}
+    shapes = {k: v.shape[2:] for k, v in arrays.items()}
+    rng = np.random.default_rng(seed)
+    replicates: dict[str, list[float]] = {k: [] for k in value}
+    for _ in range(n_boot):
+        # The multinomial draws of bayesflat.metrics.bootstrap_metric, in the same order.
+        if n_chains >= 2:
+            counts = rng.multinomial(n_chains, np.full(n_chains, 1 / n_chains))
+            weights = np.repeat(counts, n_draws)
+        else:
+            weights = rng.multinomial(n_draws, np.full(n_draws, 1 / n_draws), size=1).ravel()
+        avg = {k: (weights @ f / weights.size).reshape(shapes[k]) for k, f in flat.items()}
+        for key, metric in evaluate(avg).items():
+            replicates[key].append(metric)
+    return {
+        key: Estimate(val, float(np.std(replicates[key], ddof=1))) for key, val in value.items()
+    }
+
+
+def _mean_and_se(per_chain: list[dict[str, float]]) -> dict[str, Estimate]:
+    out = {}
+    for key in per_chain[0]:
+        values = np.array([row[key] for row in per_chain])
+        error = float(np.std(values, ddof=1) / np.sqrt(values.size)) if values.size > 1 else None
+        out[key] = Estimate(float(values.mean()), error)
+    return out
+
+
+def _log(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def _check_labelled(ens: Any, argname: str) -> Ensemble:
+    if not isinstance(ens, Ensemble):
+        raise TypeError(
+            f"{argname} must be an Ensemble (from_trace, predict, or Ensemble(probs, labels)), "
+            f"got {type(ens).__name__}"
+        )
+    if ens.labels is None:
+        raise ValueError(f"{argname} ({ens.name!r}) has no labels; calibration needs them")
+    return ens
+
+
+def calibration(
+    test: Ensemble,
+    val: Ensemble | None = None,
+    *,
+    n_bins: int = 15,
+    ensemble: str = "bma",
+    method: str = "bootstrap",
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, Estimate]:
+    r"""Accuracy, NLL, Brier, ECE and MCE of an ensemble, before and after temperature scaling.
+
+    Raw metrics: :func:`bayesflat.metrics.accuracy`, :func:`~bayesflat.metrics.nll` (nats per
+    example), :func:`~bayesflat.metrics.brier_score`, :func:`~bayesflat.metrics.ece` and
+    :func:`~bayesflat.metrics.mce` (``n_bins`` equal-width bins) of the averaged prediction
+    :math:`\bar p` on ``test``. With ``val``, the temperature
+    :math:`\hat T = \arg\min_T \mathrm{NLL}_{val}(\operatorname{softmax}(\log \bar p_{val} / T))`
+    (:func:`~bayesflat.metrics.fit_temperature`) is fitted on the validation ensemble and the
+    same metrics are reported for :math:`\operatorname{softmax}(\log \bar p_{test} / \hat T)`
+    under the keys ``"scaled_<metric>"``, with ``"temperature"`` itself. Each bootstrap
+    replicate resamples the draws of both sets together and refits :math:`\hat T`, so the
+    error of the scaled metrics includes that of :math:`\hat T`.
+
+    Parameters
+    ----------
+    test : Ensemble
+        Labelled ensemble the metrics are reported on.
+    val : Ensemble, optional
+        Labelled held-out ensemble of the same draws, for temperature scaling; never the test
+        set.
+    n_bins : int, default 15
+        Bins of ECE and MCE.
+    ensemble, method, n_boot, seed
+        See :func:`estimate`.
+
+    Returns
+    -------
+    dict of str to Estimate
+        ``accuracy``, ``nll``, ``brier_score``, ``ece``, ``mce``; with ``val`` also
+        ``temperature`` and ``scaled_<metric>`` for each of them.
+    """
+    test = _check_labelled(test, "test")
+    features = {"test": test.probs}
+    if val is not None:
+        val = _check_labelled(val, "val")
+        if val.probs.shape[:2] != test.probs.shape[:2]:
+            raise ValueError(
+                f"val has {val.probs.shape[:2]} (chain, draw) but test has "
+                f"{test.probs.shape[:2]}; both must come from the same draws"
+            )
+        features["val"] = val.probs
+
+    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
+        p = _renormalise(avg["test"])
+        out = _calibration_scalars(p, test.labels, n_bins)
+        if val is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                t = metrics.fit_temperature(_log(_renormalise(avg["val"])), val.labels)
+            scaled = metrics.apply_temperature(_log(p), t)
+            out["temperature"] = t
+            for key, v in _calibration_scalars(scaled, test.labels, n_bins).items():
+                out[f"scaled_{key}"] = v
+        return out
+
+    return estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed)
+
+
+def _calibration_scalars(p: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
+    return {
+        "accuracy": metrics.accuracy(p, labels),
+        "nll": metrics.nll(p, labels),
+        "brier_score": metrics.brier_score(p, labels),
+        "ece": metrics.ece(p, labels, n_bins=n_bins),
+        "mce": metrics.mce(p, labels, n_bins=n_bins),
+    }
+
+
+OOD_SCORES = ("max_softmax", "entropy", "mutual_information", "energy")
+"""OOD scores of :func:`ood_scores`, each OOD-positive."""
+
+
+def _score_features(ens: Ensemble) -> dict[str, np.ndarray]:
+    c, d, n, k = ens.probs.shape
+    out = {
+        "probs": ens.probs,
+        "entropy": metrics.entropy_score(ens.probs.reshape(-1, k)).reshape(c, d, n),
+    }
+    if ens.logits is not None:
+        out["energy"] = metrics.energy_score(ens.logits.reshape(-1, k)).reshape(c, d, n)
+    return out
+
+
+def _scores_of(avg: Mapping[str, np.ndarray], members: int) -> dict[str, np.ndarray]:
+    p = avg["probs"]
+    total = metrics.entropy_score(p)
+    scores = {"max_softmax": metrics.max_softmax_score(p), "entropy": total}
+    if members > 1:
+        scores["mutual_information"] = np.maximum(total - avg["entropy"], 0.0)
+    if "energy" in avg:
+        scores["energy"] = avg["energy"]
+    return scores
+
+
+def ood_scores(ens: Ensemble) -> dict[str, np.ndarray]:
+    r"""Per-input OOD scores of an ensemble, OOD-positive (a higher score means more OOD).
+
+    - ``max_softmax``: :math:`1 - \max_k \bar p_k` (:func:`bayesflat.metrics.max_softmax_score`);
+    - ``entropy``: :math:`H[\bar p]`, nats (:func:`~bayesflat.metrics.entropy_score`);
+    - ``mutual_information``: :math:`H[\bar p] - \frac1S\sum_s H[p^{(s)}]`, nats
+      (:func:`~bayesflat.metrics.mutual_information_score`); left out for a single member;
+    - ``energy``: the members' mean free energy :math:`\frac1S \sum_s -\log\sum_k
+      e^{z^{(s)}_k}`, logit units (:func:`~bayesflat.metrics.energy_score`); only when the
+      ensemble holds logits.
+
+    Parameters
+    ----------
+    ens : Ensemble
+        All its draws are the members; pass ``ens.final(chain)`` for one point estimate.
+
+    Returns
+    -------
+    dict of str to ndarray, shape (n,)
+    """
+    if not isinstance(ens, Ensemble):
+        raise TypeError(f"ens must be an Ensemble, got {type(ens).__name__}")
+    feats = _score_features(ens)
+    avg = {k: v.astype(np.float64).mean(axis=(0, 1)) for k, v in feats.items()}
+    return _scores_of(avg, ens.chains * ens.draws)
+
+
+def ood_detection(
+    ens_in: Ensemble,
+    ens_out: Ensemble,
+    *,
+    ensemble: str = "bma",
+    method: str = "bootstrap",
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, dict[str, Estimate]]:
+    """AUROC, AUPR-in, AUPR-out and FPR@95 of every OOD score, with Monte-Carlo errors.
+
+    For each score of :func:`ood_scores` computed on the in-distribution ensemble ``ens_in``
+    and the OOD ensemble ``ens_out`` (the same draws), :func:`bayesflat.metrics.ood_summary`
+    gives the four detection metrics; OOD is the positive class and a higher score means more
+    OOD. Each bootstrap replicate resamples the draws of both sets together (see
+    :func:`estimate`).
+
+    Parameters
+    ----------
+    ens_in, ens_out : Ensemble
+        In-distribution (usually the test set) and OOD ensembles.
+    ensemble, method, n_boot, seed
+        See :func:`estimate`. With ``ensemble="final"`` there is one member per chain and the
+        mutual information is left out.
+
+    Returns
+    -------
+    dict
+        ``{score: {"auroc" | "aupr_in" | "aupr_out" | "fpr95": Estimate}}``; the energy score
+        only when both ensembles hold logits.
+    """
+    for ens, argname in ((ens_in, "ens_in"), (ens_out, "ens_out")):
+        if not isinstance(ens, Ensemble):
+            raise TypeError(f"{argname} must be an Ensemble, got {type(ens).__name__}")
+    if ens_in.probs.shape[:2] != ens_out.probs.shape[:2]:
+        raise ValueError(
+            f"ens_in has {ens_in.probs.shape[:2]} (chain, draw) but ens_out has "
+            f"{ens_out.probs.shape[:2]}; both must come from the same draws"
+        )
+    feats_in, feats_out = _score_features(ens_in), _score_features(ens_out)
+    common = [k for k in feats_in if k in feats_out]
+    features = {f"in_{k}": feats_in[k] for k in common}
+    features.update({f"out_{k}": feats_out[k] for k in common})
+    members = 1 if ensemble == "final" else ens_in.chains * ens_in.draws
+
+    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
+        s_in = _scores_of({k: avg[f"in_{k}"] for k in common}, members)
+        s_out = _scores_of({k: avg[f"out_{k}"] for k in common}, members)
+        return {
+            f"{score}.{metric}": value
+            for score in s_in
+            for metric, value in metrics.ood_summary(s_in[score], s_out[score]).items()
+        }
+
+    flat = estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed)
+    out: dict[str, dict[str, Estimate]] = {}
+    for key, value in flat.items():
+        score, metric = key.split(".")
+        out.setdefault(score, {})[metric] = value
+    return out

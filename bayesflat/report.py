@@ -1,0 +1,1226 @@
+r"""Reports of a trace: one JSON of numbers and one self-contained HTML page of the same numbers.
+
+:func:`build_report` turns a trace into a :class:`Report`: the run settings, accuracy, NLL,
+Brier score, ECE and MCE of the predictive ensemble on the test set before and after temperature
+scaling (fitted on the validation set), a reliability diagram with bin counts, confidence
+histograms, OOD detection (AUROC, AUPR, FPR@95) for every unlabelled evaluation set, predictive
+performance against the number of draws averaged, and trace plots of the potential and the step
+size. Every metric carries its Monte-Carlo error over the posterior draws
+(:func:`bayesflat.predictive.estimate`). :meth:`Report.save` writes ``metrics.json`` and
+``report.html`` (figures embedded as base64 PNG).
+
+:func:`compare` puts the summaries of several runs side by side (a table and a combined
+reliability diagram).
+
+Evaluation sets are found by role: the labelled set ``test`` (or the first labelled set other
+than ``val``) is reported, the labelled set ``val`` fits the temperature, and every unlabelled set
+is an OOD set (``ood_*`` in ``bayesflat run``). OOD is the positive class and a higher score
+means more OOD.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bayesflat import metrics, predictive
+from bayesflat import trace as _trace
+from bayesflat.predictive import Ensemble, Estimate
+
+__all__ = [
+    "FORMAT",
+    "Comparison",
+    "Report",
+    "build_report",
+    "compare",
+    "headline_table",
+    "load_summary",
+]
+
+FORMAT = "bayesflat-report/1"
+"""Value of the ``format`` key of every report JSON."""
+
+METRIC_LABELS = {
+    "accuracy": "Accuracy",
+    "nll": "NLL (nats)",
+    "brier_score": "Brier score",
+    "ece": "ECE",
+    "mce": "MCE",
+}
+SCORE_LABELS = {
+    "max_softmax": "max-softmax (1 − max p)",
+    "entropy": "predictive entropy",
+    "mutual_information": "mutual information",
+    "energy": "energy",
+}
+OOD_METRIC_LABELS = {
+    "auroc": "AUROC ↑",
+    "aupr_in": "AUPR-in ↑",
+    "aupr_out": "AUPR-out ↑",
+    "fpr95": "FPR@95 ↓",
+}
+UNCERTAINTY_LABELS = {
+    "total": "total (entropy)",
+    "aleatoric": "aleatoric (exp. entropy)",
+    "epistemic": "epistemic (MI)",
+    "variation_ratio": "variation ratio",
+    "max_prob": "confidence (max p)",
+}
+HEADLINE_SCORE = "entropy"
+"""OOD score of the headline table and of :func:`compare`: the total predictive uncertainty."""
+
+# Run settings shown first, in this order; every other root attribute follows.
+_RUN_KEYS = (
+    "sampler", "model", "num_data", "temperature", "lr", "seed", "chains", "draws", "burn_in",
+    "thin", "batch_size", "prior", "prior_scale", "likelihood", "sigma", "eta",
+    "num_perturbations", "antithetic", "perturbation", "estimator", "dynamics",
+)  # fmt: skip
+_HIDDEN_KEYS = set(_trace.PROVENANCE_KEYS) | {
+    "eval_sets", "draws_kept", "stop_reason", "log_likelihood_set", "init", "complete",
+    "wall_time_s",
+}  # fmt: skip
+_DIGITS = 4
+
+
+@dataclass(eq=False)
+class Report:
+    """The numbers (``summary``, JSON-ready) and figures (PNG bytes) of one trace.
+
+    Attributes
+    ----------
+    summary : dict
+        Nested dict of plain values (the content of ``metrics.json``); every metric is
+        ``{"value": float, "mc_error": float | None}``.
+    figures : dict of str to bytes
+        PNG images by name.
+    captions : dict of str to str
+        One caption per figure.
+    """
+
+    summary: dict[str, Any]
+    figures: dict[str, bytes] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """``summary`` as indented JSON (non-finite numbers are null)."""
+        return json.dumps(self.summary, indent=2, allow_nan=False) + "\n"
+
+    def to_html(self) -> str:
+        """A self-contained HTML page: tables, captions, figures embedded as base64 PNG."""
+        return _render_report(self)
+
+    def headline(self) -> str:
+        """The headline table as text (see :func:`headline_table`)."""
+        return headline_table(self.summary)
+
+    def save(self, output: str | Path, *, html: bool = True) -> dict[str, Path]:
+        """Write ``metrics.json`` and (with ``html``) ``report.html`` into the folder ``output``.
+
+        The folder is created if needed.
+
+        Returns
+        -------
+        dict
+            ``{"json": path, "html": path}``, without ``"html"`` when ``html`` is False.
+        """
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "metrics.json"}
+        paths["json"].write_text(self.to_json(), encoding="utf-8")
+        if html:
+            paths["html"] = out / "report.html"
+            paths["html"].write_text(self.to_html(), encoding="utf-8")
+        return paths
+
+
+def build_report(
+    trace: Any,
+    *,
+    test: str | None = None,
+    val: str | None = "val",
+    ood: Sequence[str] | None = None,
+    ensemble: str = "auto",
+    method: str = "bootstrap",
+    n_boot: int = 200,
+    seed: int = 0,
+    n_bins: int = 15,
+    figures: bool = True,
+) -> Report:
+    r"""Compute every number and figure of the report of a trace.
+
+    Parameters
+    ----------
+    trace : arviz.InferenceData or xarray.DataTree
+        A bayesflat trace with stored predictions (``sample(..., eval_sets=...)``).
+    test : str, optional
+        Labelled set the metrics are reported on; default ``"test"`` if present, else the first
+        labelled set other than ``val``.
+    val : str or None, default "val"
+        Labelled held-out set that fits the post-hoc temperature; None, or a name the trace
+        does not hold, skips temperature scaling.
+    ood : sequence of str, optional
+        OOD sets; default every unlabelled evaluation set.
+    ensemble : {"auto", "bma", "final"}, default "auto"
+        ``"bma"``: Bayesian model average of all draws; ``"final"``: the last draw of each
+        chain as an independent point estimate (mean over chains ± standard error).
+        ``"auto"``: ``"final"`` for an optimiser (a registry entry that is not a sampler) or a
+        run at ``T = 0``, ``"bma"`` otherwise.
+    method : {"bootstrap", "spread"}, default "bootstrap"
+        Monte-Carlo error of the BMA metrics (:func:`bayesflat.predictive.estimate`).
+    n_boot : int, default 200
+        Bootstrap replicates.
+    seed : int, default 0
+        Bootstrap seed.
+    n_bins : int, default 15
+        Equal-width bins of the reliability diagram, ECE and MCE.
+    figures : bool, default True
+        Also draw the figures (matplotlib, Agg); False gives the numbers only.
+
+    Returns
+    -------
+    Report
+    """
+    sets = predictive.eval_sets(trace)
+    attrs = _trace.trace_attrs(trace)
+    test = _test_set(sets, test, val)
+    if val == test:
+        raise ValueError(
+            f"val={val!r} is the reported set; the temperature must be fitted on held-out data"
+        )
+    val = val if val is not None and sets.get(val) else None
+    if ood is None:
+        ood = [name for name, labelled in sets.items() if not labelled]
+    elif isinstance(ood, str):
+        ood = [ood]
+    for name in ood:
+        if name not in sets:
+            raise ValueError(f"ood set {name!r} is not in the trace; it holds {list(sets)}")
+    kind = _ensemble_kind(ensemble, attrs)
+    test_ens = predictive.from_trace(trace, test)
+    val_ens = predictive.from_trace(trace, val) if val else None
+    ood_ens = {name: predictive.from_trace(trace, name) for name in ood}
+    options = {"ensemble": kind, "method": method, "n_boot": n_boot, "seed": seed}
+
+    cal = predictive.calibration(test_ens, val_ens, n_bins=n_bins, **options)
+    summary: dict[str, Any] = {
+        "format": FORMAT,
+        "title": _title(attrs),
+        "run": _run_settings(attrs, trace),
+        "ensemble": _ensemble_info(kind, test_ens),
+        "mc_error": _mc_info(kind, method, n_boot, seed, test_ens.chains),
+        "test": {
+            "set": test,
+            "n": test_ens.size,
+            "metrics": {k: cal[k].to_dict() for k in predictive.CALIBRATION_METRICS},
+            "temperature_scaling": None,
+            "reliability": None,
+        },
+        "uncertainty": {},
+        "ood": {},
+        "draws_curve": _draws_curve(test_ens, kind, n_bins),
+    }
+    if val_ens is not None:
+        summary["test"]["temperature_scaling"] = {
+            "fitted_on": val,
+            "n_val": val_ens.size,
+            "temperature": cal["temperature"].to_dict(),
+            "metrics": {k: cal[f"scaled_{k}"].to_dict() for k in predictive.CALIBRATION_METRICS},
+        }
+    raw_p, scaled_p, labels = _pooled_predictions(test_ens, val_ens, kind)
+    raw_curve = metrics.reliability_curve(raw_p, labels, n_bins=n_bins)
+    summary["test"]["reliability"] = {
+        "n_bins": n_bins,
+        "binning": "uniform",
+        "edges": raw_curve.edges.tolist(),
+        "raw": _curve_dict(raw_curve),
+        "scaled": None
+        if scaled_p is None
+        else _curve_dict(metrics.reliability_curve(scaled_p, labels, n_bins=n_bins)),
+    }
+    for name, ens in {test: test_ens, **ood_ens}.items():
+        summary["uncertainty"][name] = _uncertainty_summary(ens, options)
+    for name, ens in ood_ens.items():
+        scores = predictive.ood_detection(test_ens, ens, **options)
+        summary["ood"][name] = {
+            "n": ens.size,
+            "scores": {
+                s: {m: e.to_dict() for m, e in table.items()} for s, table in scores.items()
+            },
+        }
+    report = Report(summary=_clean(summary))
+    if figures:
+        _draw_figures(report, trace, test_ens, ood_ens, raw_p, scaled_p, labels, kind)
+    return report
+
+
+def _test_set(sets: Mapping[str, bool], test: str | None, val: str | None) -> str:
+    labelled = [name for name, has_labels in sets.items() if has_labels]
+    if test is not None:
+        if not sets.get(test):
+            raise ValueError(
+                f"test={test!r} is not a labelled evaluation set of the trace; labelled sets: "
+                f"{labelled}"
+            )
+        return test
+    if "test" in labelled:
+        return "test"
+    others = [name for name in labelled if name != val]
+    if not others:
+        raise ValueError(
+            f"the trace has no labelled evaluation set to report on (sets: {list(sets)}); "
+            "sample with eval_sets={'test': (x, y), ...}"
+        )
+    return others[0]
+
+
+def _ensemble_kind(ensemble: str, attrs: Mapping[str, Any]) -> str:
+    if ensemble != "auto":
+        if ensemble not in predictive.ENSEMBLES:
+            raise ValueError(
+                f"ensemble must be 'auto' or one of {predictive.ENSEMBLES}, got {ensemble!r}"
+            )
+        return ensemble
+    from bayesflat import samplers
+
+    try:
+        is_sampler = samplers.entry(str(attrs.get("sampler"))).is_sampler
+    except ValueError:
+        is_sampler = True
+    temperature = attrs.get("temperature")
+    cold = isinstance(temperature, int | float) and temperature == 0
+    return "final" if (not is_sampler or cold) else "bma"
+
+
+def _title(attrs: Mapping[str, Any]) -> str:
+    sampler = attrs.get("sampler", "unknown sampler")
+    model = attrs.get("model")
+    return f"{sampler} on {model}" if model else str(sampler)
+
+
+def _gradients_per_step(attrs: Mapping[str, Any]) -> int | None:
+    estimator = attrs.get("estimator")
+    if estimator == "plain":
+        return 1
+    if "num_perturbations" in attrs:
+        per_step = int(attrs["num_perturbations"]) * (2 if attrs.get("antithetic") else 1)
+        clean = attrs.get("clean_weight")
+        return per_step + (1 if isinstance(clean, int | float) and clean > 0 else 0)
+    return None
+
+
+def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
+    run = {key: attrs[key] for key in _RUN_KEYS if key in attrs}
+    run.update(
+        {k: v for k, v in attrs.items() if k not in run and k not in _HIDDEN_KEYS and v != {}}
+    )
+    burn_in, draws, thin = attrs.get("burn_in"), attrs.get("draws"), attrs.get("thin")
+    if all(isinstance(v, int) for v in (burn_in, draws, thin)):
+        run["steps_per_chain"] = burn_in + draws * thin
+        per_step = _gradients_per_step(attrs)
+        if per_step is not None:
+            run["gradient_evaluations_per_chain"] = run["steps_per_chain"] * per_step
+    stats = _trace.get_group(trace, "sample_stats")
+    if stats is not None and "sigma" in stats and attrs.get("sigma", 0) is None:
+        used = np.asarray(stats["sigma"].values, dtype=np.float64)
+        if np.isfinite(used).any():
+            run["sigma_used"] = float(np.nanmean(used))
+    run["complete"] = attrs.get("complete", True)
+    if not run["complete"]:
+        run["stop_reason"] = attrs.get("stop_reason", "")
+    for key in ("wall_time_s", "bayesflat_version", "created_at"):
+        if key in attrs:
+            run[key] = attrs[key]
+    return run
+
+
+def _ensemble_info(kind: str, ens: Ensemble) -> dict[str, Any]:
+    if kind == "bma":
+        text = (
+            f"Bayesian model average: class probabilities averaged over all "
+            f"{ens.chains * ens.draws} draws ({ens.chains} chains x {ens.draws} draws)"
+        )
+    else:
+        text = (
+            f"point estimates: the final iterate of each of the {ens.chains} chains is one "
+            "independent run; numbers are the mean over runs"
+        )
+    return {"kind": kind, "chains": ens.chains, "draws": ens.draws, "description": text}
+
+
+def _mc_info(kind: str, method: str, n_boot: int, seed: int, chains: int) -> dict[str, Any]:
+    if kind == "final" or method == "spread":
+        if chains < 2:
+            text = "none: a Monte-Carlo error needs at least two chains"
+        elif kind == "final":
+            text = f"standard error of the mean over the {chains} runs"
+        else:
+            text = f"spread of the {chains} single-chain ensembles / sqrt({chains})"
+        return {"method": "runs" if kind == "final" else "spread", "description": text}
+    block = "chain" if chains >= 2 else "draw"
+    unit = f"the {chains} chains" if block == "chain" else "the draws of the single chain"
+    return {
+        "method": "bootstrap",
+        "block": block,
+        "replicates": n_boot,
+        "seed": seed,
+        "description": f"bootstrap over {unit} ({n_boot} replicates)",
+    }
+
+
+def _curve_dict(curve: metrics.ReliabilityCurve) -> dict[str, list]:
+    return {
+        "confidence": curve.confidence.tolist(),
+        "accuracy": curve.accuracy.tolist(),
+        "count": [int(c) for c in curve.count],
+    }
+
+
+def _pooled_predictions(
+    test: Ensemble, val: Ensemble | None, kind: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Test predictions for the figures: the BMA, or every run's final iterate stacked."""
+    if kind == "bma":
+        raw = test.mean()
+        scaled = None
+        if val is not None:
+            t = _fit_quietly(val.mean(), val.labels)
+            scaled = metrics.apply_temperature(_log(raw), t)
+        return raw, scaled, test.labels
+    raws, scaleds = [], []
+    for c in range(test.chains):
+        raw = predictive.bma(test.final(c).probs)
+        raws.append(raw)
+        if val is not None:
+            t = _fit_quietly(predictive.bma(val.final(c).probs), val.labels)
+            scaleds.append(metrics.apply_temperature(_log(raw), t))
+    labels = np.tile(test.labels, test.chains)
+    return np.concatenate(raws), (np.concatenate(scaleds) if scaleds else None), labels
+
+
+def _fit_quietly(p: np.ndarray, labels: np.ndarray) -> float:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return metrics.fit_temperature(_log(p), labels)
+
+
+def _log(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def _uncertainty_summary(ens: Ensemble, options: Mapping[str, Any]) -> dict[str, Any]:
+    c, d, n, k = ens.probs.shape
+    votes = np.zeros(ens.probs.shape, dtype=np.float32)
+    np.put_along_axis(votes, ens.probs.argmax(axis=-1)[..., None], 1.0, axis=-1)
+    features = {
+        "probs": ens.probs,
+        "entropy": metrics.entropy_score(ens.probs.reshape(-1, k)).reshape(c, d, n),
+        "votes": votes,
+    }
+    single = options["ensemble"] == "final" or c * d == 1
+
+    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
+        p = avg["probs"]
+        total = metrics.entropy_score(p)
+        out = {"total": total.mean(), "aleatoric": avg["entropy"].mean()}
+        if not single:
+            out["epistemic"] = np.maximum(total - avg["entropy"], 0.0).mean()
+            out["variation_ratio"] = (1.0 - avg["votes"].max(axis=-1)).mean()
+        out["max_prob"] = p.max(axis=-1).mean()
+        return out
+
+    return {
+        "n": n,
+        **{k: e.to_dict() for k, e in predictive.estimate(features, fn, **options).items()},
+    }
+
+
+def _draws_curve(test: Ensemble, kind: str, n_bins: int) -> dict[str, Any]:
+    """Test metrics against the number of draws per chain (spread over chains as error)."""
+    points = np.unique(np.round(np.geomspace(1, test.draws, min(test.draws, 12))).astype(int))
+
+    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
+        p = avg["probs"] / avg["probs"].sum(axis=-1, keepdims=True)
+        return {
+            "accuracy": metrics.accuracy(p, test.labels),
+            "nll": metrics.nll(p, test.labels),
+            "ece": metrics.ece(p, test.labels, n_bins=n_bins),
+        }
+
+    rows = [
+        predictive.estimate({"probs": test.probs[:, :k]}, fn, ensemble=kind, method="spread")
+        for k in points
+    ]
+    if kind == "bma":
+        text = "BMA of the first k draws of every chain; error: spread over chains"
+    else:
+        text = "iterate at draw k of every run, mean over runs; error: standard error over runs"
+    return {
+        "kind": kind,
+        "description": text,
+        "draws": points.tolist(),
+        "members": (points * (test.chains if kind == "bma" else 1)).tolist(),
+        **{m: [row[m].to_dict() for row in rows] for m in ("accuracy", "nll", "ece")},
+    }
+
+
+def _clean(value: Any) -> Any:
+    """Plain JSON values: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Text tables
+
+
+def _estimate(entry: Mapping[str, Any] | None) -> Estimate:
+    if entry is None:
+        return Estimate(math.nan, None)
+    value = entry.get("value")
+    return Estimate(math.nan if value is None else float(value), entry.get("mc_error"))
+
+
+def _fmt(entry: Mapping[str, Any] | None, digits: int = _DIGITS) -> str:
+    return _estimate(entry).format(digits)
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i >= numeric_from else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def headline_table(summary: Mapping[str, Any]) -> str:
+    """Accuracy, NLL, ECE and OOD AUROC per OOD set, value ± Monte-Carlo error, as text.
+
+    Parameters
+    ----------
+    summary : dict
+        A report summary (:attr:`Report.summary` or a loaded ``metrics.json``).
+
+    Returns
+    -------
+    str
+        A title line, a table (raw and temperature-scaled columns) and the error method.
+    """
+    test = summary["test"]
+    scaling = test.get("temperature_scaling")
+    header = ["metric", "raw"]
+    if scaling:
+        header.append(f"temp.-scaled (T = {_fmt(scaling['temperature'], 2)})")
+    rows = []
+    for key in ("accuracy", "nll", "ece"):
+        row = [METRIC_LABELS[key], _fmt(test["metrics"][key])]
+        if scaling:
+            row.append(_fmt(scaling["metrics"][key]))
+        rows.append(row)
+    for name, block in summary.get("ood", {}).items():
+        entry = block["scores"].get(HEADLINE_SCORE, {}).get("auroc")
+        row = [f"AUROC {name} ({HEADLINE_SCORE})", _fmt(entry)]
+        if scaling:
+            row.append("")
+        rows.append(row)
+    ens = summary["ensemble"]
+    title = (
+        f"{summary.get('title', '')}: {test['set']} set (n = {test['n']}), "
+        f"{ens['chains']} chains x {ens['draws']} draws, "
+        f"{'BMA of all draws' if ens['kind'] == 'bma' else 'final iterate per run'}"
+    )
+    note = f"value ± Monte-Carlo error ({summary['mc_error']['description']})"
+    return "\n".join([title, _text_table(header, rows), note])
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _reliability_axes(ax: Any, count_ax: Any, curve: Mapping[str, Any], edges: np.ndarray,
+                      title: str) -> None:  # fmt: skip
+    conf = np.array([np.nan if v is None else v for v in curve["confidence"]], dtype=float)
+    acc = np.array([np.nan if v is None else v for v in curve["accuracy"]], dtype=float)
+    count = np.asarray(curve["count"])
+    width = np.diff(edges)
+    full = count > 0
+    ax.bar(edges[:-1][full], acc[full], width=width[full], align="edge", color="#4c72b0",
+           edgecolor="white", label="accuracy in bin")  # fmt: skip
+    centres = (edges[:-1] + width / 2)[full]
+    ax.vlines(centres, acc[full], conf[full], color="#c44e52", linewidth=2)
+    ax.plot(centres, conf[full], linestyle="none", marker="D", markersize=4, color="#c44e52",
+            label="mean confidence in bin (red line: gap)")  # fmt: skip
+    ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    count_ax.bar(edges[:-1], count, width=width, align="edge", color="#8c8c8c", edgecolor="white")
+    for left, w, n in zip(edges[:-1], width, count, strict=True):
+        if n:
+            count_ax.text(left + w / 2, n, str(int(n)), ha="center", va="bottom", fontsize=7)
+    count_ax.set(xlim=(0, 1), xlabel="confidence (max predicted probability)", ylabel="count")
+    count_ax.set_ylim(0, max(1, count.max()) * 1.25)
+
+
+def _draw_figures(
+    report: Report, trace: Any, test: Ensemble, ood: Mapping[str, Ensemble],
+    raw_p: np.ndarray, scaled_p: np.ndarray | None, labels: np.ndarray, kind: str,
+) -> None:  # fmt: skip
+    summary = report.summary
+    rel = summary["test"]["reliability"]
+    edges = np.asarray(rel["edges"])
+    panels = [("raw", "before temperature scaling")]
+    if rel["scaled"] is not None:
+        t = _fmt(summary["test"]["temperature_scaling"]["temperature"], 2)
+        panels.append(("scaled", f"after temperature scaling (T = {t})"))
+    fig = _new_figure(5.2 * len(panels), 5.2)
+    grid = fig.add_gridspec(2, len(panels), height_ratios=(3, 1))
+    for i, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
+        _reliability_axes(ax, fig.add_subplot(grid[1, i], sharex=ax), rel[key], edges, title)
+    report.figures["reliability"] = _png(fig)
+    pooled = "" if kind == "bma" else f" (final iterates of all {test.chains} runs pooled)"
+    report.captions["reliability"] = (
+        f"Reliability diagram of the {summary['test']['set']} set{pooled}: accuracy per "
+        f"confidence bin ({rel['n_bins']} equal-width bins) against the diagonal of perfect "
+        "calibration; red diamonds mark the mean confidence of each bin and the red line its gap "
+        "to the accuracy. Below: "
+        "number of test inputs per bin."
+    )
+
+    fig = _new_figure(10.5, 3.4)
+    ax_id, ax_ood = fig.subplots(1, 2)
+    conf = raw_p.max(axis=1)
+    correct = raw_p.argmax(axis=1) == labels
+    bins = np.linspace(1.0 / raw_p.shape[1], 1.0, 31)
+    ax_id.hist(conf[correct], bins=bins, color="#4c72b0", alpha=0.75, label="correct")
+    ax_id.hist(conf[~correct], bins=bins, color="#c44e52", alpha=0.75, label="wrong")
+    ax_id.set(xlabel="confidence", ylabel="count (log scale)", yscale="log",
+              title=f"{summary['test']['set']} set")  # fmt: skip
+    ax_id.legend(fontsize=8, frameon=False)
+    ax_ood.hist(conf, bins=bins, histtype="step", linewidth=1.6, density=True,
+                label=summary["test"]["set"], color="black")  # fmt: skip
+    for i, (name, ens) in enumerate(ood.items()):
+        if kind == "bma":
+            p = ens.mean()
+        else:
+            p = np.concatenate([predictive.bma(ens.final(c).probs) for c in range(ens.chains)])
+        ax_ood.hist(p.max(axis=1), bins=bins, histtype="step", linewidth=1.6, density=True,
+                    label=name, color=f"C{i + 1}")  # fmt: skip
+    ax_ood.set(xlabel="confidence", ylabel="density (log scale)", yscale="log",
+               title="in-distribution vs OOD sets")  # fmt: skip
+    ax_ood.legend(fontsize=8, frameon=False)
+    report.figures["confidence"] = _png(fig)
+    report.captions["confidence"] = (
+        "Confidence (largest predicted probability) of the "
+        + ("Bayesian model average" if kind == "bma" else "final iterates of all runs pooled")
+        + ". Left: correct and wrong test predictions. Right: test set against each OOD set "
+        "(normalised to unit area)."
+    )
+
+    for name, ens in ood.items():
+        _ood_figures(report, name, test, ens, kind)
+    _curve_figure(report)
+    _trace_figure(report, trace)
+
+
+def _ood_figures(report: Report, name: str, test: Ensemble, ens: Ensemble, kind: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+    from sklearn.metrics import roc_curve
+
+    if kind == "bma":
+        s_in, s_out = predictive.ood_scores(test), predictive.ood_scores(ens)
+    else:
+        s_in, s_out = predictive.ood_scores(test.final(0)), predictive.ood_scores(ens.final(0))
+    scores = [s for s in report.summary["ood"][name]["scores"] if s in s_in]
+    fig = _new_figure(2.9 * len(scores), 2.8)
+    axes = np.atleast_1d(fig.subplots(1, len(scores)))
+    for ax, score in zip(axes, scores, strict=True):
+        both = np.concatenate([s_in[score], s_out[score]])
+        bins = np.linspace(both.min(), both.max() + 1e-12, 31)
+        ax.hist(
+            s_in[score], bins=bins, alpha=0.6, color="#4c72b0", label=report.summary["test"]["set"]
+        )
+        ax.hist(s_out[score], bins=bins, alpha=0.6, color="#c44e52", label=name)
+        auroc = report.summary["ood"][name]["scores"][score]["auroc"]
+        ax.set(xlabel=SCORE_LABELS[score], ylabel="count", title=f"AUROC {_fmt(auroc, 3)}")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, frameon=False)
+    report.figures[f"ood_hist_{name}"] = _png(fig)
+    which = "Bayesian model average" if kind == "bma" else "final iterate of the first run"
+    report.captions[f"ood_hist_{name}"] = (
+        f"Distribution of each OOD score ({which}) on the {report.summary['test']['set']} set "
+        f"(blue) and on {name} (red). Every score is oriented so that higher means more OOD."
+    )
+    fig = _new_figure(4.4, 4.0)
+    ax = fig.subplots()
+    is_ood = np.r_[np.zeros(test.size), np.ones(ens.size)]
+    for i, score in enumerate(scores):
+        fpr, tpr, _ = roc_curve(is_ood, np.r_[s_in[score], s_out[score]])
+        ax.plot(fpr, tpr, color=f"C{i}", label=SCORE_LABELS[score])
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(
+        xlabel="false positive rate (test inputs flagged)",
+        ylabel="true positive rate (OOD inputs flagged)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.set_title(f"ROC: {report.summary['test']['set']} vs {name}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    report.figures[f"ood_roc_{name}"] = _png(fig)
+    report.captions[f"ood_roc_{name}"] = (
+        f"ROC curves for detecting {name} (positive class) among the "
+        f"{report.summary['test']['set']} inputs."
+    )
+
+
+def _curve_figure(report: Report) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    curve = report.summary["draws_curve"]
+    x = np.asarray(curve["draws"])
+    fig = _new_figure(10.5, 3.0)
+    axes = fig.subplots(1, 3)
+    for ax, key in zip(axes, ("accuracy", "nll", "ece"), strict=True):
+        values = np.array([np.nan if e["value"] is None else e["value"] for e in curve[key]])
+        errors = np.array([np.nan if e["mc_error"] is None else e["mc_error"] for e in curve[key]])
+        ax.plot(x, values, marker="o", color="#4c72b0")
+        if np.isfinite(errors).any():
+            ax.fill_between(x, values - errors, values + errors, color="#4c72b0", alpha=0.2)
+        ax.set(xlabel="draws per chain" if curve["kind"] == "bma" else "draw index (iterate)",
+               ylabel=METRIC_LABELS[key])  # fmt: skip
+        if x.max() > 10:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    report.figures["draws_curve"] = _png(fig)
+    report.captions["draws_curve"] = (
+        f"Test accuracy, NLL and ECE against the number of draws: {curve['description']} "
+        "(shaded: ± one standard error)."
+    )
+
+
+def _trace_figure(report: Report, trace: Any) -> None:
+    stats = _trace.get_group(trace, "sample_stats")
+    if stats is None:
+        return
+    keys = [k for k in ("lp", "step_size") if k in stats]
+    if not keys:
+        return
+    labels = {"lp": "potential L_B (lp)", "step_size": "step size (lr)"}
+    fig = _new_figure(5.2 * len(keys), 3.2)
+    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    step = stats["step"].values if "step" in stats else None
+    for ax, key in zip(axes, keys, strict=True):
+        values = stats[key].values
+        for c in range(values.shape[0]):
+            x = step[c] if step is not None else np.arange(values.shape[1])
+            ax.plot(x, values[c], linewidth=1, color=f"C{c}", label=f"chain {c}")
+        ax.set(xlabel="step" if step is not None else "draw", ylabel=labels[key])
+        if values.shape[0] <= 8:
+            ax.legend(fontsize=7, frameon=False)
+    report.figures["trace"] = _png(fig)
+    report.captions["trace"] = (
+        "Trace plots per chain at the kept draws: the minibatch potential L_B in mean-loss units "
+        "(sample_stats lp) and the step size (equal step sizes overlap). Chains that mix "
+        "overlap; a potential that still drifts means the burn-in was too short."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1180px; margin: 2em auto; padding: 0 1.5em; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.1em; }
+h2 { font-size: 1.3em; border-bottom: 2px solid #4c72b0; padding-bottom: 0.2em;
+     margin-top: 2em; }
+h3 { font-size: 1.08em; margin-top: 1.4em; }
+.subtitle { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.93em; }
+th, td { padding: 0.32em 0.8em; border-bottom: 1px solid #ddd; text-align: left; }
+th { background: #eef2f8; font-weight: 600; }
+th.num, td.num { text-align: right; }
+tbody tr:nth-child(even) { background: #fafafa; }
+td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+caption { caption-side: bottom; text-align: left; color: #555; font-size: 0.88em;
+          padding-top: 0.4em; }
+figure { margin: 1em 0 1.6em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.88em; max-width: 60em; }
+.settings { display: grid; grid-template-columns: repeat(3, auto); gap: 0 2.5em;
+            justify-content: start; }
+.settings table { margin-top: 0; }
+.row { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
+.row figure { margin-top: 0.8em; max-width: 400px; }
+.note { background: #f6f6f2; border-left: 4px solid #c9b458; padding: 0.5em 1em;
+        font-size: 0.92em; }
+nav a { margin-right: 1em; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "",
+                numeric_from: int = 1) -> str:  # fmt: skip
+    out = ["<table>"]
+    if caption:
+        out.append(f"<caption>{caption}</caption>")
+    out.append(
+        "<thead><tr>"
+        + "".join(
+            f'<th class="num">{_esc(h)}</th>' if i >= numeric_from else f"<th>{_esc(h)}</th>"
+            for i, h in enumerate(header)
+        )
+        + "</tr></thead>"
+    )
+    out.append("<tbody>")
+    for row in rows:
+        cells = [
+            f'<td class="num">{_esc(c)}</td>' if i >= numeric_from else f"<td>{_esc(c)}</td>"
+            for i, c in enumerate(row)
+        ]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _figure_html(report: Report, key: str) -> str:
+    if key not in report.figures:
+        return ""
+    data = base64.b64encode(report.figures[key]).decode("ascii")
+    caption = _esc(report.captions.get(key, ""))
+    return (
+        f'<figure><img alt="{_esc(key)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _when(text: Any) -> str:
+    from datetime import datetime
+
+    try:
+        stamp = datetime.fromisoformat(str(text))
+    except ValueError:
+        return str(text)
+    zone = stamp.tzname() or ""
+    return stamp.strftime("%Y-%m-%d %H:%M") + (f" {zone}" if zone else "")
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _render_report(report: Report) -> str:
+    s = report.summary
+    test = s["test"]
+    scaling = test.get("temperature_scaling")
+    ens = s["ensemble"]
+    run = s["run"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>bayesflat report: {_esc(s['title'])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>bayesflat report: {_esc(s['title'])}</h1>",
+        f'<p class="subtitle">{_esc(ens["description"])}. Created '
+        f"{_esc(_when(run.get('created_at', '')))} with bayesflat "
+        f"{_esc(run.get('bayesflat_version', ''))}.</p>",
+        '<nav><a href="#summary">Summary</a><a href="#settings">Run settings</a>'
+        '<a href="#calibration">Calibration</a><a href="#uncertainty">Uncertainty</a>'
+        '<a href="#ood">OOD detection</a><a href="#draws">Draws</a>'
+        '<a href="#traces">Traces</a></nav>',
+    ]
+    if not run.get("complete", True):
+        parts.append(
+            f'<p class="note">This run stopped early: {_esc(run.get("stop_reason", ""))}. The '
+            "numbers use the draws kept before the stop.</p>"
+        )
+
+    parts.append('<h2 id="summary">Summary</h2>')
+    description = _esc(s["mc_error"]["description"])
+    if description.startswith("none"):
+        note = f"Numbers have no Monte-Carlo error ({description.removeprefix('none: ')})."
+    else:
+        note = (
+            f"Every number is <b>value ± Monte-Carlo error</b>; the error is the {description}. "
+            "It measures how much the number would change with "
+            f"{'another set of posterior draws' if ens['kind'] == 'bma' else 'other runs'}, "
+            f"not the sampling error of the finite test set (n = {test['n']})."
+        )
+    parts.append(f'<p class="note">{note}</p>')
+    rows = [
+        ["Accuracy", _fmt(test["metrics"]["accuracy"])],
+        ["NLL (nats)", _fmt(test["metrics"]["nll"])],
+        ["ECE", _fmt(test["metrics"]["ece"])],
+    ]
+    for name, block in s["ood"].items():
+        rows.append([f"AUROC, {name} ({SCORE_LABELS[HEADLINE_SCORE]})",
+                     _fmt(block["scores"][HEADLINE_SCORE]["auroc"])])  # fmt: skip
+    parts.append(_html_table(["headline", f"{test['set']} set"], rows))
+
+    parts.append('<h2 id="settings">Run settings</h2>')
+    items = [(k, _when(v) if k == "created_at" else _setting_text(v)) for k, v in run.items()]
+    per_col = math.ceil(len(items) / 3)
+    columns = [items[i : i + per_col] for i in range(0, len(items), per_col)]
+    parts.append('<div class="settings">')
+    for column in columns:
+        parts.append(_html_table(["setting", "value"], column))
+    parts.append("</div>")
+
+    parts.append(
+        '<h2 id="calibration">Predictive performance and calibration '
+        f"({_esc(test['set'])} set)</h2>"
+    )
+    header = ["metric", "raw"]
+    if scaling:
+        header.append("temperature-scaled")
+    rows = []
+    for key, label in METRIC_LABELS.items():
+        row = [label, _fmt(test["metrics"][key])]
+        if scaling:
+            row.append(_fmt(scaling["metrics"][key]))
+        rows.append(row)
+    if scaling:
+        rows.append(["temperature T", "1 (none)", _fmt(scaling["temperature"], 3)])
+        caption = (
+            "Temperature scaling: T fitted by minimising the NLL on the "
+            f"{_esc(scaling['fitted_on'])} set (n = {scaling['n_val']}, held out from "
+            f"training), then applied to the {_esc(test['set'])} set; each bootstrap "
+            f"replicate refits T. ECE and MCE use {test['reliability']['n_bins']} "
+            "equal-width confidence bins; MCE, the largest gap of any non-empty bin, is driven "
+            "by bins that hold few inputs (see the counts below the reliability diagram)."
+        )
+    else:
+        caption = "No validation set in the trace, so no temperature scaling."
+    parts.append(_html_table(header, rows, caption))
+    parts.append(_figure_html(report, "reliability"))
+    parts.append(_figure_html(report, "confidence"))
+
+    parts.append('<h2 id="uncertainty">Uncertainty decomposition</h2>')
+    keys = [k for k in UNCERTAINTY_LABELS if any(k in b for b in s["uncertainty"].values())]
+    rows = [
+        [name, str(block["n"]), *(_fmt(block.get(k)) for k in keys)]
+        for name, block in s["uncertainty"].items()
+    ]
+    if ens["kind"] == "bma":
+        caption = (
+            "Means over the inputs of each set; entropies in nats. Total predictive entropy = "
+            "aleatoric (expected entropy of the draws) + epistemic (mutual information between "
+            "label and weights); variation ratio: share of draws that disagree with the most "
+            "voted class. OOD inputs should show higher epistemic uncertainty."
+        )
+    else:
+        caption = (
+            "Means over the inputs of each set and over runs; entropies in nats. A point "
+            "estimate has no epistemic part: its total entropy is all aleatoric."
+        )
+    parts.append(_html_table(["set", "n", *(UNCERTAINTY_LABELS[k] for k in keys)], rows, caption))
+
+    parts.append('<h2 id="ood">Out-of-distribution detection</h2>')
+    if not s["ood"]:
+        parts.append("<p>The trace holds no unlabelled evaluation set, so no OOD detection.</p>")
+    for name, block in s["ood"].items():
+        parts.append(
+            f"<h3>{_esc(test['set'])} (negative) vs {_esc(name)} (positive, n = {block['n']})</h3>"
+        )
+        rows = [
+            [SCORE_LABELS[score], *(_fmt(table[m]) for m in OOD_METRIC_LABELS)]
+            for score, table in block["scores"].items()
+        ]
+        table = _html_table(
+            ["score", *OOD_METRIC_LABELS.values()], rows,
+            "OOD is the positive class and a higher score means more OOD. FPR@95: fraction of "
+            "OOD inputs accepted when 95 % of the test inputs are kept.",
+        )  # fmt: skip
+        parts.append(
+            f'<div class="row"><div>{table}</div>{_figure_html(report, f"ood_roc_{name}")}</div>'
+        )
+        parts.append(_figure_html(report, f"ood_hist_{name}"))
+
+    parts.append('<h2 id="draws">Performance against the number of draws</h2>')
+    curve = s["draws_curve"]
+    rows = [
+        [str(k), *(_fmt(curve[m][i]) for m in ("accuracy", "nll", "ece"))]
+        for i, k in enumerate(curve["draws"])
+    ]
+    parts.append(_figure_html(report, "draws_curve"))
+    parts.append(_html_table(
+        ["draws per chain" if curve["kind"] == "bma" else "draw", "accuracy", "NLL", "ECE"],
+        rows, _esc(curve["description"]),
+    ))  # fmt: skip
+
+    parts.append('<h2 id="traces">Sampler traces</h2>')
+    parts.append(_figure_html(report, "trace") or "<p>The trace holds no sample statistics.</p>")
+    parts.append("</body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison of runs
+
+
+def load_summary(path: str | Path, **options: Any) -> dict[str, Any]:
+    """The report summary of a run folder, a ``metrics.json`` or a trace file.
+
+    A folder is read through its ``metrics.json`` when that is a report of this format, else
+    through its ``trace.nc``; a trace file is reported with :func:`build_report` (numbers only).
+
+    Parameters
+    ----------
+    path : str or path-like
+        Run folder, ``metrics.json`` or trace (``.nc``).
+    **options
+        Passed to :func:`build_report` when a trace has to be read.
+
+    Returns
+    -------
+    dict
+        The summary.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "metrics.json"
+        if candidate.is_file():
+            summary = _read_summary(candidate, strict=False)
+            if summary is not None:
+                return summary
+        trace_path = path / "trace.nc"
+        if not trace_path.is_file():
+            raise FileNotFoundError(
+                f"{path} holds neither a report metrics.json nor a trace.nc; pass a run folder "
+                "written by `bayesflat run`"
+            )
+        path = trace_path
+    elif not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a run folder, metrics.json or trace")
+    if path.suffix == ".json":
+        return _read_summary(path, strict=True)
+    return build_report(_trace.load(path), figures=False, **options).summary
+
+
+def _read_summary(path: Path, *, strict: bool) -> dict[str, Any] | None:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if not strict:
+            return None
+        raise ValueError(f"{path} is not valid JSON ({err}); expected a bayesflat report") from None
+    if not isinstance(summary, dict) or summary.get("format") != FORMAT:
+        if not strict:
+            return None
+        raise ValueError(f"{path} is not a bayesflat report (its format is not {FORMAT!r})")
+    return summary
+
+
+@dataclass(eq=False)
+class Comparison:
+    """Several runs side by side: a JSON-ready ``summary``, a text table and a figure.
+
+    Attributes
+    ----------
+    summary : dict
+        ``{"format", "runs": [{"name", "sampler", "ensemble", "metrics", "scaled", "temperature",
+        "ood_auroc"}], "ood_sets", "ood_score"}``; metrics as ``{"value", "mc_error"}``.
+    figure : bytes
+        PNG of the combined reliability diagram.
+    """
+
+    summary: dict[str, Any]
+    figure: bytes = b""
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the comparison table (value ± MC error)."""
+        sets = self.summary["ood_sets"]
+        header = ["run", "sampler", "estimate", "accuracy", "NLL", "ECE", "NLL (T-scaled)",
+                  "ECE (T-scaled)", *(f"AUROC {name}" for name in sets)]  # fmt: skip
+        rows = []
+        for run in self.summary["runs"]:
+            scaled = run["scaled"] or {}
+            rows.append([
+                run["name"], str(run["sampler"]), run["ensemble"],
+                _fmt(run["metrics"]["accuracy"]), _fmt(run["metrics"]["nll"]),
+                _fmt(run["metrics"]["ece"]), _fmt(scaled.get("nll")), _fmt(scaled.get("ece")),
+                *(_fmt(run["ood_auroc"].get(name)) for name in sets),
+            ])  # fmt: skip
+        return header, rows
+
+    def table(self) -> str:
+        """The comparison as a text table."""
+        header, rows = self.rows()
+        note = (
+            f"value ± Monte-Carlo error; AUROC of the {SCORE_LABELS[self.summary['ood_score']]} "
+            "score; bma = model average of all draws, final = final iterate per run (mean over "
+            "runs)"
+        )
+        return _text_table(header, rows, numeric_from=3) + "\n" + note
+
+    def to_json(self) -> str:
+        """``summary`` as indented JSON."""
+        return json.dumps(self.summary, indent=2, allow_nan=False) + "\n"
+
+    def to_html(self) -> str:
+        """A self-contained HTML page with the table and the reliability diagram."""
+        header, rows = self.rows()
+        data = base64.b64encode(self.figure).decode("ascii")
+        runs = "".join(
+            f"<li><b>{_esc(r['name'])}</b>: {_esc(r['title'])}; {_esc(r['ensemble_description'])}; "
+            f"MC error: {_esc(r['mc_error'])}</li>"
+            for r in self.summary["runs"]
+        )
+        return "\n".join([
+            "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+            "<title>bayesflat comparison</title>", f"<style>{_CSS}</style></head><body>",
+            "<h1>bayesflat comparison</h1>",
+            f'<p class="subtitle">{len(self.summary["runs"])} runs on the same test set.</p>',
+            '<p class="note">Every number is <b>value ± Monte-Carlo error</b> over the '
+            "posterior draws (or over independent runs for point estimates).</p>",
+            _html_table(header, rows, _esc(self.table().splitlines()[-1]), numeric_from=3),
+            f"<h2>Runs</h2><ul>{runs}</ul>",
+            "<h2>Reliability</h2>",
+            f'<figure><img alt="reliability" src="data:image/png;base64,{data}">'
+            "<figcaption>Reliability diagrams of all runs (raw, before temperature scaling): "
+            "accuracy against mean confidence per bin; marker area grows with the bin count. "
+            "Below: share of the test predictions in each bin (log scale; point estimates "
+            "pool the final iterates of all runs).</figcaption></figure>",
+            "</body></html>",
+        ])  # fmt: skip
+
+    def save(self, output: str | Path) -> dict[str, Path]:
+        """Write ``comparison.json``, ``comparison.html`` and ``reliability.png`` in ``output``."""
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "json": out / "comparison.json",
+            "html": out / "comparison.html",
+            "png": out / "reliability.png",
+        }
+        paths["json"].write_text(self.to_json(), encoding="utf-8")
+        paths["html"].write_text(self.to_html(), encoding="utf-8")
+        paths["png"].write_bytes(self.figure)
+        return paths
+
+
+def compare(runs: Mapping[str, Mapping[str, Any]]) -> Comparison:
+    """Compare report summaries of several runs.
+
+    Parameters
+    ----------
+    runs : mapping of str to dict
+        Run name to its report summary (:attr:`Report.summary` or :func:`load_summary`).
+
+    Returns
+    -------
+    Comparison
+        The table rows hold accuracy, NLL and ECE (raw and temperature-scaled) and the AUROC of
+        the predictive-entropy score for every OOD set of any run, each value ± Monte-Carlo
+        error.
+    """
+    if not runs:
+        raise ValueError("runs is empty; pass at least one run summary")
+    sets: list[str] = []
+    entries = []
+    for name, summary in runs.items():
+        if summary.get("format") != FORMAT:
+            raise ValueError(f"runs[{name!r}] is not a bayesflat report summary")
+        test = summary["test"]
+        scaling = test.get("temperature_scaling")
+        ood = {}
+        for set_name, block in summary.get("ood", {}).items():
+            if set_name not in sets:
+                sets.append(set_name)
+            ood[set_name] = block["scores"].get(HEADLINE_SCORE, {}).get("auroc")
+        entries.append({
+            "name": name,
+            "title": summary.get("title", ""),
+            "sampler": summary.get("run", {}).get("sampler"),
+            "ensemble": summary["ensemble"]["kind"],
+            "ensemble_description": summary["ensemble"]["description"],
+            "mc_error": summary["mc_error"]["description"],
+            "test_set": test["set"],
+            "n": test["n"],
+            "metrics": test["metrics"],
+            "scaled": scaling["metrics"] if scaling else None,
+            "temperature": scaling["temperature"] if scaling else None,
+            "ood_auroc": ood,
+            "reliability": test["reliability"],
+        })  # fmt: skip
+    summary = {"format": "bayesflat-comparison/1", "ood_score": HEADLINE_SCORE,
+               "ood_sets": sets, "runs": entries}  # fmt: skip
+    return Comparison(summary=_clean(summary), figure=_comparison_figure(entries))
+
+
+def _comparison_figure(entries: Sequence[Mapping[str, Any]]) -> bytes:
+    fig = _new_figure(6.4, 6.4)
+    ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
+    for i, run in enumerate(entries):
+        rel = run["reliability"]
+        curve = rel["raw"]
+        conf = np.array([np.nan if v is None else v for v in curve["confidence"]], dtype=float)
+        acc = np.array([np.nan if v is None else v for v in curve["accuracy"]], dtype=float)
+        count = np.asarray(curve["count"], dtype=float)
+        share = count / count.sum()
+        full = count > 0
+        ece = _fmt(run["metrics"]["ece"], 3)
+        ax.plot(
+            conf[full], acc[full], color=f"C{i}", linewidth=1.4, label=f"{run['name']} (ECE {ece})"
+        )
+        ax.scatter(conf[full], acc[full], s=8 + 200 * count[full] / count.sum(), color=f"C{i}")
+        edges = np.asarray(rel["edges"])
+        count_ax.stairs(np.where(full, share, np.nan), edges, color=f"C{i}", linewidth=1.4)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="reliability (raw)")
+    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    count_ax.set(xlabel="confidence (max predicted probability)", ylabel="share of inputs",
+                 yscale="log")  # fmt: skip
+    return _png(fig)

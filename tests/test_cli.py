@@ -1,0 +1,118 @@
+"""The bayesflat command line: run, report and compare end to end; one-line errors."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bayesflat import cli
+from bayesflat import trace as btrace
+from bayesflat.report import FORMAT
+
+TINY = ["--chains", "2", "--draws", "3", "--burn-in", "10", "--thin", "2", "--no-progress",
+        "--replicates", "20"]  # fmt: skip
+
+
+def _main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    for sampler in ("fsgld", "sgd"):
+        folder = root / sampler
+        results[sampler] = (folder, *_main(["run", "--sampler", sampler, "--output", str(folder),
+                                            *TINY]))  # fmt: skip
+    return results
+
+
+@pytest.mark.parametrize("sampler", ["fsgld", "sgd"])
+def test_run_writes_trace_metrics_and_report(runs, sampler):
+    folder, code, out, _ = runs[sampler]
+    assert code == 0
+    trace = btrace.load(folder / "trace.nc")
+    assert btrace.trace_attrs(trace)["sampler"] == sampler
+    summary = json.loads((folder / "metrics.json").read_text())
+    assert summary["format"] == FORMAT and summary["run"]["sampler"] == sampler
+    assert summary["ensemble"]["kind"] == ("bma" if sampler == "fsgld" else "final")
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64," in page
+    for label in ("Accuracy", "NLL", "ECE", "AUROC ood_patches", "AUROC ood_noise", " ± "):
+        assert label in out
+    assert "report.html" in out
+
+
+def test_run_without_report_writes_trace_and_metrics_only(tmp_path):
+    argv = ["run", "--sampler", "sgd", "--output", str(tmp_path), "--no-report", *TINY]
+    code, out, _ = _main(argv)
+    assert code == 0 and "Accuracy" in out
+    assert (tmp_path / "trace.nc").is_file() and (tmp_path / "metrics.json").is_file()
+    assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("target", ["folder", "trace file"])
+def test_report_command_reproduces_the_run_numbers(runs, tmp_path, target):
+    folder, *_ = runs["sgd"] if target == "folder" else runs["fsgld"]
+    path = folder if target == "folder" else folder / "trace.nc"
+    code, out, _ = _main(["report", str(path), "--output", str(tmp_path), "--replicates", "20"])
+    assert code == 0 and "AUROC ood_patches" in out
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert again == json.loads((folder / "metrics.json").read_text())
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_compare_command_writes_table_html_json_and_png(runs, tmp_path):
+    folders = [str(runs[s][0]) for s in ("fsgld", "sgd")]
+    code, out, _ = _main(["compare", *folders, "--output", str(tmp_path)])
+    assert code == 0
+    assert "fsgld" in out and "sgd" in out and "AUROC ood_patches" in out and " ± " in out
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["name"] for r in comparison["runs"]] == ["fsgld", "sgd"]
+    assert (tmp_path / "reliability.png").read_bytes().startswith(b"\x89PNG")
+    assert "data:image/png;base64," in (tmp_path / "comparison.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_trace"])
+def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path, case):
+    (tmp_path / "notes.nc").write_text("not a trace\n")
+    path = tmp_path / ("missing.nc" if case == "missing" else "notes.nc")
+    result = subprocess.run(
+        [sys.executable, "-m", "bayesflat.cli", "report", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("bayesflat report: error: ") and str(path) in lines[0]
+
+
+def test_in_process_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["compare", str(tmp_path / "empty")], "neither"),
+        (["compare", str(tmp_path), str(tmp_path)], "twice"),
+        (["report", str(tmp_path / "empty")], "without trace.nc"),
+        (["report", str(tmp_path), "--replicates", "1"], "--replicates"),
+    ]
+    for argv, expected in cases:
+        code, _, err = _main(argv)
+        assert code == 1 and err.count("\n") == 1 and expected in err, (argv, err)
+        assert err.startswith(f"bayesflat {argv[0]}: error: ")
+
+
+def test_command_table_is_the_parser(capsys):
+    names = [c.name for c in cli.COMMANDS]
+    assert names[:4] == ["run", "report", "compare", "samplers"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in names)
