@@ -75,6 +75,8 @@ class ChainContext:
 class SamplingError(RuntimeError):
     """A run stopped early. ``trace`` holds every draw kept before the stop.
 
+    ``trace`` is ``None`` when the stop came before the first kept draw.
+
     Draws that were not reached are NaN; ``trace`` root attrs carry ``complete = False``,
     ``stop_reason`` and ``draws_kept`` per chain. If the run was given ``output``, the
     partial trace has been saved there too.
@@ -494,10 +496,12 @@ def sample(
             reason = str(err) if isinstance(err, FloatingPointError) else (
                 f"interrupted at chain {c}, step {step}"
             )  # fmt: skip
-            partial = recorder.build(attrs, complete=False, reason=reason, upto_chain=c)
-            if output_path is not None:
+            partial = None
+            if any(recorder.kept):
+                partial = recorder.build(attrs, complete=False, reason=reason, upto_chain=c)
+            if output_path is not None and partial is not None:
                 _trace.save(partial, output_path)
-            where = f" (partial trace saved to {output_path})" if output_path else ""
+            where = f" (partial trace saved to {output_path})" if partial and output_path else ""
             raise SamplingError(
                 f"sampling stopped: {reason}; {sum(recorder.kept)} draws kept{where}",
                 partial, chain=c, step=step,

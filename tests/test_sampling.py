@@ -250,3 +250,10 @@ def test_stats_fns_are_recorded_per_draw():
     np.testing.assert_array_equal(stats["lr_seen"].values, 0.05)
     assert stats["bias"].shape == (2, 6, 3)
     np.testing.assert_allclose(stats["bias"].values, post["2.bias"].values, rtol=1e-6)
+
+
+def test_failure_before_the_first_draw_raises_without_a_trace(tmp_path):
+    with pytest.raises(sampling.SamplingError, match="0 draws kept") as info:
+        _run(sampler="sgd", lr=1e6, burn_in=200, output=tmp_path / "t.nc")
+    assert info.value.trace is None and info.value.chain == 0
+    assert not (tmp_path / "t.nc").exists()
