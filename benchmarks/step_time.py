@@ -1,9 +1,13 @@
-"""Per-step time and memory of bayesflat's SGLD and fSGLD against ``torch.optim.SGD``.
+"""Per-step time, passes and memory of every bayesflat method against ``torch.optim.SGD``.
 
 A *step* is zero grad + forward + backward + update on one fixed minibatch:
 
-- ``torch.optim.SGD``: ``opt.zero_grad(); posterior.potential(x, y).backward(); opt.step()``;
-- bayesflat samplers: ``opt.step(posterior.closure(x, y))``.
+- ``torch.optim.SGD`` (``torch_sgd``, the baseline):
+  ``opt.zero_grad(); posterior.potential(x, y).backward(); opt.step()``;
+- every method of the registry :mod:`bayesflat.samplers` (built as the driver builds it:
+  ``get(name)(params, lr=LR, num_data=N, temperature=T, generator=...)`` with ``T = 1`` for
+  samplers and ``T = 0`` for optimisers, then its ``begin_chain`` hook and ``planned_steps``):
+  ``opt.step(posterior.closure(x, y))``.
 
 All methods share one model, one batch and one :class:`~bayesflat.posterior.Posterior`
 (Gaussian prior of scale 1), run in one process on one thread, and are interleaved: every
@@ -11,16 +15,17 @@ round runs each method for ``steps_per_round`` steps, in a freshly shuffled orde
 load of a noisy machine falls on all of them alike. Times are CPU time of this thread (all the
 work runs on it; time spent waiting for a CPU is left out), with wall-clock time beside them.
 Reported: the median per-step time over rounds with its interquartile range; the median over
-rounds of the per-round ratio to SGD (paired within a round) with its interquartile range; and
-the CPU time spent outside the forward/backward pass, which all methods share, with the ratio
-it implies (see ``summarise``).
+rounds of the per-round ratio to SGD (paired within a round) with its interquartile range;
+the number of forward/backward passes per step (calls of the closure); and the CPU time spent
+outside the forward/backward passes, with the ratio it implies (see ``summarise``).
 
 Two cases:
 
 - ``convnet32``: :class:`~bayesflat.models.ConvNet32` on a 128 x 3 x 32 x 32 batch, where the
-  forward/backward pass dominates and fSGLD should cost what SGD costs (ratio <= 1.03);
+  forward/backward pass dominates: a method costs about its number of passes, and fSGLD
+  should cost what SGD costs (ratio <= 1.03);
 - ``digits_mlp``: the digits :class:`~bayesflat.models.MLP` (64-128-128-10) on a batch of 64,
-  where per-step overhead shows. Two references run beside the samplers:
+  where per-step overhead shows. Two references run beside the methods:
 
   - *floor*: the SGD step plus the noise itself, drawn into preallocated flat buffers (one
     standard normal draw of all P parameters for SGLD; two, plus one P-sized copy for the
@@ -29,20 +34,27 @@ Two cases:
   - *naive loop*: a textbook per-parameter Python loop (one ``torch.randn`` per tensor, a
     ``clone`` per tensor for the backup), written here as the reference, not part of bayesflat.
 
+The cyclical samplers (``csgld``, ``csghmc``, ``cfsgld``) are timed in their sampling phase
+(``exploration=0``, see ``METHOD_OPTIONS``): their exploration steps are ``T = 0`` steps, those
+of ``sgd`` (``csgld``, ``cfsgld``) or of momentum SGD (``csghmc``). Every other method runs
+with its defaults.
+
 Memory, measured with ``torch.profiler`` (``profile_memory=True``), from its allocation
 events in time order:
 
-- *persistent*: bytes allocated during the first step of a fresh optimiser that are still
-  alive after it, less the gradients (sampler workspace and optimiser state), also counted in
-  parameter-sized buffers;
+- *persistent*: bytes allocated while a fresh optimiser is built (with its hooks) and makes
+  its first step that are still alive after it, less the gradients (sampler workspace and
+  optimiser state), also counted in parameter-sized buffers;
 - *peak in step*: the highest total of bytes allocated and not yet freed during one later
   step (gradients, activations, temporaries), starting from parameters without gradients.
 
 Usage::
 
-    python benchmarks/step_time.py            # full run, about 2-3 minutes
-    python benchmarks/step_time.py --quick    # smoke run, seconds; timings meaningless
-    python benchmarks/step_time.py --out DIR  # write DIR/step_time.md and DIR/step_time.json
+    python benchmarks/step_time.py                   # full run, about 5-6 minutes
+    python benchmarks/step_time.py --quick           # smoke run, seconds; timings meaningless
+    python benchmarks/step_time.py --out DIR         # write DIR/step_time.{md,json} and
+                                                     # DIR/methods_table.md
+    python benchmarks/step_time.py --case digits_mlp # one case only
 """
 
 from __future__ import annotations
@@ -56,8 +68,8 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +77,33 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
+from bayesflat import samplers
 from bayesflat.models import MLP, ConvNet32
 from bayesflat.posterior import Posterior
-from bayesflat.samplers import FSGLD, SGLD, coupled_sigma, langevin_noise_scale
+from bayesflat.samplers import coupled_sigma, langevin_noise_scale
+from bayesflat.sampling import ChainContext
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BASELINE = "sgd"
+BASELINE = "torch_sgd"
 CLAIM_CASE, CLAIM_METHOD, CLAIM_BOUND = "convnet32", "fsgld", 1.03
 
-# Step size small enough that the weights barely move over a run; the temperature and the
-# coupled sigma are the defaults, so the samplers do all their work.
+# Step size small enough that the weights barely move over a run; samplers run at T = 1 with
+# their defaults (fSGLD's coupled sigma included), so they do all their work.
 LR = 1e-6
 TEMPERATURE = 1.0
+
+# Options that differ from a method's defaults. A cyclical sampler explores at T = 0 for the
+# first 80% of every cycle by default; with exploration=0 every step is a sampling step, the
+# costlier phase, and the one the method adds to its base sampler.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "csgld": {"exploration": 0.0},
+    "csghmc": {"exploration": 0.0},
+    "cfsgld": {"exploration": 0.0},
+}
+
+# The schedule the hooks are told about (burn-in 0, thin 1): long enough that no method's
+# schedule ends within a run.
+PLANNED_DRAWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -97,16 +124,16 @@ class Case:
     warmup: int
 
 
-ALL_METHODS = ("sgd", "floor_sgld", "naive_sgld", "sgld", "floor_fsgld", "naive_fsgld", "fsgld")
+REFERENCES = ("floor_sgld", "naive_sgld", "floor_fsgld", "naive_fsgld")
+REGISTERED = tuple(samplers.available())
+CASE_NAMES = ("convnet32", "digits_mlp")
 
 DESCRIPTIONS = {
-    "sgd": "torch.optim.SGD: zero_grad, forward, backward, step",
+    "torch_sgd": "torch.optim.SGD: zero_grad, forward, backward, step",
     "floor_sgld": "floor: SGD step + 1 normal draw of all P parameters",
     "naive_sgld": "reference: per-parameter Python loop SGLD (not bayesflat)",
-    "sgld": "bayesflat.samplers.SGLD",
     "floor_fsgld": "floor: SGD step + 2 normal draws of P + 1 copy of P",
     "naive_fsgld": "reference: per-parameter Python loop fSGLD (not bayesflat)",
-    "fsgld": "bayesflat.samplers.FSGLD",
 }
 
 
@@ -118,14 +145,14 @@ def cases(quick: bool) -> list[Case]:
             title="ConvNet32 (CNN for 3x32x32 images)",
             build=ConvNet32,
             input_shape=(3, 32, 32),
-            batch_size=16 if quick else 128,
+            batch_size=8 if quick else 128,
             num_data=50_000,
-            methods=("sgd", "sgld", "fsgld"),
-            min_rounds=2 if quick else 15,
-            max_rounds=2 if quick else 60,
-            budget_s=0.0 if quick else 90.0,
+            methods=(BASELINE, *REGISTERED),
+            min_rounds=2 if quick else 8,
+            max_rounds=2 if quick else 40,
+            budget_s=0.0 if quick else 170.0,
             steps_per_round=1,
-            warmup=1 if quick else 2,
+            warmup=1,
         ),
         Case(
             name="digits_mlp",
@@ -134,10 +161,10 @@ def cases(quick: bool) -> list[Case]:
             input_shape=(64,),
             batch_size=64,
             num_data=1797,
-            methods=ALL_METHODS,
-            min_rounds=2 if quick else 60,
+            methods=(BASELINE, *REFERENCES, *REGISTERED),
+            min_rounds=2 if quick else 30,
             max_rounds=2 if quick else 200,
-            budget_s=0.0 if quick else 40.0,
+            budget_s=0.0 if quick else 45.0,
             steps_per_round=2 if quick else 20,
             warmup=2 if quick else 50,
         ),
@@ -198,10 +225,28 @@ class NaiveLoopSampler(torch.optim.Optimizer):
 
 @dataclass
 class Method:
-    """A step function, and the CPU seconds its steps spent inside forward + backward."""
+    """A step function and its counters: the CPU seconds its steps spent inside forward +
+    backward and its forward/backward passes (closure calls) so far; the settings it runs at."""
 
     step: Callable[[], None]
     fwd_bwd_seconds: list[float]
+    passes: list[int] = field(default_factory=lambda: [0])
+    temperature: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def method_temperature(name: str) -> float:
+    """``T`` a method runs at: ``TEMPERATURE`` for samplers, 0 for optimisers and SGD."""
+    if name in samplers.available():
+        return TEMPERATURE if samplers.entry(name).is_sampler else 0.0
+    return 0.0 if name == BASELINE else TEMPERATURE
+
+
+def describe_method(name: str) -> str:
+    """One line on what a method is (the registry summary for bayesflat methods)."""
+    if name in DESCRIPTIONS:
+        return DESCRIPTIONS[name]
+    return f"bayesflat `{name}`: {samplers.entry(name).summary}"
 
 
 def build_methods(
@@ -214,17 +259,29 @@ def build_methods(
     generator = torch.Generator().manual_seed(1)
     xi, eps, backup = (torch.empty(num_params) for _ in range(3))
 
-    def bayesflat(cls: type[torch.optim.Optimizer], seed: int) -> torch.optim.Optimizer:
-        return cls(
+    def registered(name: str, seed: int) -> Method:
+        temperature = method_temperature(name)
+        options = METHOD_OPTIONS.get(name, {})
+        opt = samplers.get(name)(
             params,
             lr=LR,
             num_data=case.num_data,
-            temperature=TEMPERATURE,
+            temperature=temperature,
             generator=torch.Generator().manual_seed(seed),
+            **options,
         )
+        # The driver's order: begin_chain, then planned_steps (which fixes a cyclical
+        # sampler's cycle length).
+        begin_chain = getattr(opt, "begin_chain", None)
+        if callable(begin_chain):
+            begin_chain(ChainContext(model, [(x, y)], 0, PLANNED_DRAWS, 1))
+        opt.planned_steps(0, PLANNED_DRAWS, 1)
+        method = sampler_step(opt)
+        method.temperature, method.options = temperature, dict(options)
+        return method
 
-    def naive(sigma: float, seed: int) -> torch.optim.Optimizer:
-        return NaiveLoopSampler(
+    def naive(sigma: float, seed: int) -> Method:
+        opt = NaiveLoopSampler(
             params,
             lr=LR,
             num_data=case.num_data,
@@ -232,24 +289,29 @@ def build_methods(
             sigma=sigma,
             generator=torch.Generator().manual_seed(seed),
         )
+        method = sampler_step(opt)
+        method.temperature = TEMPERATURE
+        return method
 
     def sgd_step(extra: Callable[[], None] | None = None) -> Method:
         opt = torch.optim.SGD(params, lr=LR)
-        clock = [0.0]
+        clock, passes = [0.0], [0]
 
         def step() -> None:
             opt.zero_grad()
             start = time.thread_time()
             posterior.potential(x, y).backward()
             clock[0] += time.thread_time() - start
+            passes[0] += 1
             opt.step()
             if extra is not None:
                 extra()
 
-        return Method(step, clock)
+        # A floor stands for a sampler at TEMPERATURE; the bare step is SGD's, at T = 0.
+        return Method(step, clock, passes, temperature=0.0 if extra is None else TEMPERATURE)
 
     def sampler_step(opt: torch.optim.Optimizer) -> Method:
-        clock = [0.0]
+        clock, passes = [0.0], [0]
 
         def step() -> None:
             closure = posterior.closure(x, y)
@@ -258,11 +320,12 @@ def build_methods(
                 start = time.thread_time()
                 loss = closure()
                 clock[0] += time.thread_time() - start
+                passes[0] += 1
                 return loss
 
             opt.step(timed)
 
-        return Method(step, clock)
+        return Method(step, clock, passes)
 
     def draw_xi() -> None:
         xi.normal_(generator=generator)
@@ -273,14 +336,14 @@ def build_methods(
         xi.normal_(generator=generator)
 
     makers: dict[str, Callable[[], Method]] = {
-        "sgd": lambda: sgd_step(),
+        BASELINE: lambda: sgd_step(),
         "floor_sgld": lambda: sgd_step(draw_xi),
-        "naive_sgld": lambda: sampler_step(naive(0.0, 4)),
-        "sgld": lambda: sampler_step(bayesflat(SGLD, 2)),
+        "naive_sgld": lambda: naive(0.0, 4),
         "floor_fsgld": lambda: sgd_step(draw_eps_backup_xi),
-        "naive_fsgld": lambda: sampler_step(naive(sigma, 5)),
-        "fsgld": lambda: sampler_step(bayesflat(FSGLD, 3)),
+        "naive_fsgld": lambda: naive(sigma, 5),
     }
+    for index, name in enumerate(REGISTERED):
+        makers[name] = lambda name=name, seed=10 + index: registered(name, seed)
     return {name: makers[name] for name in case.methods}
 
 
@@ -296,18 +359,20 @@ def time_rounds(
     steps_per_round: int,
     seed: int = 0,
 ) -> dict[str, dict[str, list[float]]]:
-    """Per-step seconds of each method, one value per round; order shuffled every round.
+    """Per-step seconds and passes of each method, one value per round; order shuffled every
+    round.
 
     Rounds go on until ``max_rounds``, or until ``budget_s`` seconds have passed and at least
-    ``min_rounds`` are done. Returns ``{"cpu": ..., "wall": ..., "outside": ...}``, each
-    ``{method: [seconds per step, one per round]}``: CPU time of this thread (all the work
-    runs on it with one torch thread; time spent descheduled by other processes is left out),
-    wall-clock time, and the CPU time spent outside forward + backward.
+    ``min_rounds`` are done. Returns ``{"cpu": ..., "wall": ..., "outside": ..., "passes":
+    ...}``, each ``{method: [value per step, one per round]}``: CPU time of this thread (all
+    the work runs on it with one torch thread; time spent descheduled by other processes is
+    left out), wall-clock time, the CPU time spent outside forward + backward, and the number
+    of forward/backward passes.
     """
     order = list(methods)
     rng = random.Random(seed)
     times: dict[str, dict[str, list[float]]] = {
-        kind: {name: [] for name in order} for kind in ("cpu", "wall", "outside")
+        kind: {name: [] for name in order} for kind in ("cpu", "wall", "outside", "passes")
     }
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -318,8 +383,10 @@ def time_rounds(
                 break
             rng.shuffle(order)
             for name in order:
-                step, clock = methods[name].step, methods[name].fwd_bwd_seconds
+                method = methods[name]
+                step, clock = method.step, method.fwd_bwd_seconds
                 clock[0] = 0.0
+                passes = method.passes[0]
                 wall0, cpu0 = time.perf_counter(), time.thread_time()
                 for _ in range(steps_per_round):
                     step()
@@ -327,6 +394,7 @@ def time_rounds(
                 times["cpu"][name].append(cpu / steps_per_round)
                 times["wall"][name].append((time.perf_counter() - wall0) / steps_per_round)
                 times["outside"][name].append((cpu - clock[0]) / steps_per_round)
+                times["passes"][name].append((method.passes[0] - passes) / steps_per_round)
             gc.collect()
     finally:
         if gc_was_enabled:
@@ -348,17 +416,33 @@ def _allocation_trace(step: Callable[[], None]) -> tuple[int, int]:
 
 
 def measure_memory(make: Callable[[], Method], params: list[Tensor]) -> dict[str, float]:
-    """Persistent workspace and in-step peak of a fresh optimiser (see the module docstring)."""
+    """Persistent workspace and in-step peak of a fresh optimiser (see the module docstring).
+
+    The persistent bytes are traced from the construction on: some methods allocate their
+    state there (SWAG its moments), others in their first step.
+    """
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
-    step = make().step
-    for p in params:
-        p.grad = None
-    _, net_first = _allocation_trace(step)
+    made: list[Method] = []
+
+    def build_and_step() -> None:
+        made.append(make())
+        made[0].step()
+
+    # An optimiser of an earlier measurement that the collector freed inside a trace would
+    # count as a negative allocation: no collection during the traces.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for p in params:
+            p.grad = None
+        _, net_first = _allocation_trace(build_and_step)
+        for p in params:
+            p.grad = None
+        peak, _ = _allocation_trace(made[0].step)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     persistent = max(net_first - grad_bytes, 0)
-    step()
-    for p in params:
-        p.grad = None
-    peak, _ = _allocation_trace(step)
     return {
         "persistent_bytes": persistent,
         "persistent_param_buffers": persistent / grad_bytes,
@@ -391,25 +475,29 @@ def summarise(times: dict[str, dict[str, list[float]]], baseline: str = BASELINE
 
     ``cpu`` / ``wall``: step time and ``time / baseline time`` in the same round.
     ``outside``: CPU time outside forward + backward, and the ratio it implies,
-    ``1 + (outside - baseline outside) / baseline step``, in the same round: the cost of a
-    method relative to the baseline with the shared forward/backward (the noisy part) taken
-    out, since every method runs the same forward and backward on the same batch.
+    ``1 + ((k - 1) (b - bo) + o - bo) / b`` in the same round, with ``b`` the baseline's step,
+    ``bo`` its time outside forward + backward, ``o`` the method's and ``k`` the method's
+    passes per step: the method's step with each of its ``k`` forward/backward passes priced
+    at the baseline's one, which takes the noisiest part (the forward/backward, the same for
+    every method on the same batch) out of the comparison.
     """
     out: dict[str, dict] = {}
     base_cpu, base_outside = times["cpu"][baseline], times["outside"][baseline]
+    base_wall = times["wall"][baseline]
     for name in times["cpu"]:
         cpu, wall, outside = times["cpu"][name], times["wall"][name], times["outside"][name]
-        base_wall = times["wall"][baseline]
+        passes = times["passes"][name]
         out[name] = {
             "cpu": _summary(cpu, [v / b for v, b in zip(cpu, base_cpu, strict=True)]),
             "wall": _summary(wall, [v / b for v, b in zip(wall, base_wall, strict=True)]),
             "outside": _summary(
                 outside,
                 [
-                    1 + (o - bo) / b
-                    for o, bo, b in zip(outside, base_outside, base_cpu, strict=True)
+                    1 + ((k - 1) * (b - bo) + o - bo) / b
+                    for o, k, bo, b in zip(outside, passes, base_outside, base_cpu, strict=True)
                 ],
             ),
+            "passes_per_step": statistics.fmean(passes),
         }
     return out
 
@@ -439,8 +527,15 @@ def run_case(case: Case) -> dict[str, Any]:
     timing_seconds = time.perf_counter() - started
     memory = {name: measure_memory(make, params) for name, make in makers.items()}
     summary = summarise(times)
-    for name in summary:
-        summary[name].update(description=DESCRIPTIONS[name], **memory[name])
+    for name, method in methods.items():
+        summary[name].update(
+            description=describe_method(name),
+            kind=_kind(name),
+            temperature=method.temperature,
+            options=method.options,
+            **memory[name],
+        )
+    passes = times.pop("passes")
     return {
         "title": case.title,
         "batch_size": case.batch_size,
@@ -455,7 +550,16 @@ def run_case(case: Case) -> dict[str, Any]:
         "timing_seconds": timing_seconds,
         "methods": summary,
         "per_round_seconds": times,
+        "per_round_passes": passes,
     }
+
+
+def _kind(name: str) -> str:
+    if name == BASELINE:
+        return "baseline"
+    if name in REFERENCES:
+        return "reference"
+    return "sampler" if samplers.entry(name).is_sampler else "optimiser"
 
 
 def machine_info() -> dict[str, Any]:
@@ -488,12 +592,43 @@ def _iqr(s: dict[str, float]) -> str:
     return f"{s['ratio_q1']:.3f}-{s['ratio_q3']:.3f}"
 
 
-def _verdict(ratio: float) -> str:
-    return "holds" if ratio <= CLAIM_BOUND else "does NOT hold"
+def _median_interval(s: dict[str, float], rounds: int) -> tuple[float, float]:
+    """About 95% interval of the median ratio, ``median +- 1.58 IQR / sqrt(n)`` (the notch of
+    a box plot; McGill, Tukey, Larsen 1978)."""
+    half = 1.58 * (s["ratio_q3"] - s["ratio_q1"]) / rounds**0.5
+    return s["ratio_median"] - half, s["ratio_median"] + half
+
+
+def _verdict(s: dict[str, float], rounds: int) -> str:
+    low, high = _median_interval(s, rounds)
+    interval = f"median interval {low:.3f}-{high:.3f}"
+    if high <= CLAIM_BOUND:
+        return f"{interval}: holds"
+    if low > CLAIM_BOUND:
+        return f"{interval}: does NOT hold"
+    return f"{interval}: not resolved at this number of rounds"
 
 
 def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _ratio_cell(s: dict[str, float]) -> str:
+    return f"{s['ratio_median']:.2f} ({s['ratio_q1']:.2f}-{s['ratio_q3']:.2f})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (the registry summaries contain ``||g||``)."""
+    return text.replace("|", "\\|")
+
+
+def _settings(s: dict[str, Any]) -> str:
+    options = "".join(f", {k}={v!r}" for k, v in s["options"].items())
+    return f"T={s['temperature']:g}{options}"
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -503,7 +638,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{a[0]:.2f}" for a in (m["load_average_start"], m["load_average_end"]) if a is not None
     )
     lines = [
-        "# Step time and memory: bayesflat samplers vs torch.optim.SGD",
+        "# Step time and memory: every bayesflat method vs torch.optim.SGD",
         "",
         f"Written by `python benchmarks/step_time.py{' --quick' if results['quick'] else ''}` "
         f"on {m['date_utc']} in {results['wall_seconds']:.0f} s.",
@@ -512,8 +647,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- Python {m['python']}, torch {m['torch']}, **{m['torch_threads']} torch thread**",
         f"- 1-minute load average at start -> end: {load} (other processes share the machine: "
         "that is why methods are interleaved and ratios are paired per round)",
-        f"- lr = {LR:g}, T = {TEMPERATURE:g}, fSGLD sigma = (T/N)^((1+eta)/4), eta = 0.1, "
-        "one Gaussian perturbation per step; Posterior with a Gaussian prior of scale 1",
+        f"- lr = {LR:g}; samplers at T = {TEMPERATURE:g}, optimisers at T = 0, each with its "
+        "defaults (fSGLD: sigma = (T/N)^((1+eta)/4), eta = 0.1, one Gaussian perturbation per "
+        "step) except the cyclical samplers, timed in their sampling phase (exploration=0); "
+        "Posterior with a Gaussian prior of scale 1",
         "",
     ]
     if results["quick"]:
@@ -525,18 +662,20 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"Batch {case['batch_size']} x {'x'.join(map(str, case['input_shape']))}, "
             f"N = {case['num_data']}, {case['num_params']:,} parameters in "
             f"{case['num_param_tensors']} tensors, fSGLD sigma = {case['fsgld_sigma']:.4f}. "
-            f"{case['rounds']} rounds x {case['steps_per_round']} steps per method, "
-            f"after {case['warmup_steps']} warm-up steps.",
+            f"{case['rounds']} rounds x {_count(case['steps_per_round'], 'step')} per method, "
+            f"after {_count(case['warmup_steps'], 'warm-up step')}; timing took "
+            f"{case['timing_seconds']:.0f} s.",
             "",
-            "| method | what | CPU ms/step (IQR) | **ratio to SGD** (IQR) "
-            "| outside fwd/bwd, ms | ratio, fwd/bwd taken out (IQR) | wall ratio (IQR) "
-            "| persistent extra | peak in step |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| method | settings | what | passes/step | CPU ms/step (IQR) "
+            "| **ratio to SGD** (IQR) | outside fwd/bwd, ms | ratio, fwd/bwd at SGD's (IQR) "
+            "| wall ratio (IQR) | persistent extra | peak in step |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for method, s in case["methods"].items():
             c, o, w = s["cpu"], s["outside"], s["wall"]
             lines.append(
-                f"| `{method}` | {s['description']} "
+                f"| `{method}` | {_settings(s)} | {_cell(s['description'])} "
+                f"| {s['passes_per_step']:g} "
                 f"| {c['median_ms']:.3f} ({c['q1_ms']:.3f}-{c['q3_ms']:.3f}) "
                 f"| **{c['ratio_median']:.3f}** ({_iqr(c)}) "
                 f"| {o['median_ms']:.3f} | {o['ratio_median']:.3f} ({_iqr(o)}) "
@@ -549,32 +688,103 @@ def render_markdown(results: dict[str, Any]) -> str:
             c, o = (case["methods"][CLAIM_METHOD][k] for k in ("cpu", "outside"))
             lines += [
                 f"Claim fSGLD / SGD <= {CLAIM_BOUND}: whole steps {c['ratio_median']:.3f} "
-                f"(IQR {_iqr(c)}), {_verdict(c['ratio_median'])}; with the shared "
-                f"forward/backward taken out {o['ratio_median']:.3f} (IQR {_iqr(o)}), "
-                f"{_verdict(o['ratio_median'])}.",
+                f"(IQR {_iqr(c)}; {_verdict(c, case['rounds'])}); with the forward/backward "
+                f"at SGD's {o['ratio_median']:.3f} (IQR {_iqr(o)}; "
+                f"{_verdict(o, case['rounds'])}).",
                 "",
             ]
     lines += [
-        "CPU ms/step: CPU time of the benchmark thread per step (all the work runs on it), "
-        "median over rounds. Ratio to SGD: median over rounds of (method time / SGD time in the "
-        "same round); IQR: interquartile range over rounds. Outside fwd/bwd: CPU time of a step "
-        "spent outside the forward and backward pass (zeroing, noise, perturbation, update, "
-        "Python); the ratio next to it is 1 + (outside - SGD outside) / SGD step, per round: the "
-        "same ratio without the noise of the forward/backward that all methods share. Wall "
-        "ratio: from wall-clock time, which also counts time the process waited for a CPU. "
-        "Persistent extra: workspace the optimiser keeps between steps, in parameter-sized "
-        "buffers. Peak in step: highest total of CPU allocations alive during one step "
-        "(gradients, activations, temporaries), from torch.profiler. See benchmarks/README.md.",
+        "Passes/step: forward/backward passes per step (closure calls), mean over the timed "
+        "rounds. CPU ms/step: CPU time of the benchmark thread per step (all the work runs on "
+        "it), median over rounds. Ratio to SGD: median over rounds of (method time / "
+        "torch.optim.SGD time in the same round); IQR: interquartile range over rounds. "
+        "Outside fwd/bwd: CPU time of a step spent outside its forward and backward passes "
+        "(zeroing, noise, perturbation, update, Python). The ratio next to it prices each of "
+        "the method's k passes at SGD's forward/backward in the same round, "
+        "1 + ((k - 1) (SGD step - SGD outside) + outside - SGD outside) / SGD step: the same "
+        "ratio without the noise of the forward/backward that all methods share. Wall ratio: "
+        "from wall-clock time, which also counts time the process waited for a CPU. "
+        "Persistent extra: workspace and state the optimiser keeps between steps (allocated "
+        "while it is built and makes its first step), in parameter-sized buffers. Peak in "
+        "step: highest total of CPU allocations alive during one step (gradients, "
+        "activations, temporaries), from torch.profiler. See benchmarks/README.md.",
         "",
     ]
     return "\n".join(lines)
 
 
-def run(out_dir: str | Path = RESULTS_DIR, *, quick: bool = False) -> dict[str, Any]:
-    """Run every case on one thread, write ``step_time.md`` and ``step_time.json`` to ``out_dir``.
+def render_methods_table(results: dict[str, Any]) -> str:
+    """One row per bayesflat method: passes, ratio to SGD per case and persistent buffers."""
+    case_results = results["cases"]
+    names = [n for case in case_results.values() for n in case["methods"]]
+    names = [n for n in dict.fromkeys(names) if n in REGISTERED]
+    titles = {"convnet32": "CNN", "digits_mlp": "MLP"}
+    shown = [c for c in CASE_NAMES if c in case_results]
+    setup = "; ".join(
+        f"{titles[c]}: `{c}`, batch {case_results[c]['batch_size']} x "
+        f"{'x'.join(map(str, case_results[c]['input_shape']))}, "
+        f"{case_results[c]['rounds']} rounds x {_count(case_results[c]['steps_per_round'], 'step')}"
+        for c in shown
+    )
+    lines = [
+        "Step time of every bayesflat method relative to `torch.optim.SGD` on the same model and "
+        "minibatch, one CPU thread: median over interleaved rounds of the per-round ratio, "
+        f"with its interquartile range ({setup}). Passes/step: forward/backward passes per "
+        "step. Extra buffers: parameter-sized buffers of workspace and state the method keeps "
+        "between steps (`torch.optim.SGD`: none). Samplers at T = 1, optimisers at T = 0, "
+        "registry defaults; cyclical samplers in their sampling phase. Measured by "
+        f"`benchmarks/step_time.py` on {results['machine']['date_utc']}; details, and a "
+        "sharper ratio for the CNN with the shared forward/backward priced at SGD's, in "
+        "`benchmarks/results/step_time.md`.",
+        "",
+    ]
+    if results["quick"]:
+        lines += ["**Quick smoke run: the numbers below are not measurements.**", ""]
+    header = "| method | kind | passes/step |"
+    rule = "|---|---|---:|"
+    for c in shown:
+        header += f" {titles[c]} ratio to SGD (IQR) |"
+        rule += "---:|"
+    lines += [header + " extra buffers |", rule + "---:|"]
+    for name in names:
+        row = next(
+            case_results[c]["methods"][name] for c in shown if name in case_results[c]["methods"]
+        )
+        cells = [
+            _ratio_cell(case_results[c]["methods"][name]["cpu"])
+            if name in case_results[c]["methods"]
+            else "-"
+            for c in shown
+        ]
+        lines.append(
+            f"| `{name}` | {row['kind']} | {row['passes_per_step']:g} | "
+            + " | ".join(cells)
+            + f" | {round(row['persistent_param_buffers'], 2):g} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
 
-    Returns the results dictionary that was written as JSON.
+
+def run(
+    out_dir: str | Path = RESULTS_DIR,
+    *,
+    quick: bool = False,
+    case_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run the cases on one thread; write ``step_time.md``, ``step_time.json`` and
+    ``methods_table.md`` to ``out_dir``.
+
+    ``case_names`` picks cases (default: all of ``CASE_NAMES``). Returns the results
+    dictionary that was written as JSON.
     """
+    chosen = cases(quick)
+    if case_names is not None:
+        unknown = sorted(set(case_names) - set(CASE_NAMES))
+        if unknown or not case_names:
+            raise ValueError(
+                f"case_names must name cases among {CASE_NAMES}, got {list(case_names)!r}"
+            )
+        chosen = [c for c in chosen if c.name in case_names]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -582,7 +792,7 @@ def run(out_dir: str | Path = RESULTS_DIR, *, quick: bool = False) -> dict[str, 
     started = time.perf_counter()
     try:
         machine = machine_info()
-        results_cases = {case.name: run_case(case) for case in cases(quick)}
+        results_cases = {case.name: run_case(case) for case in chosen}
     finally:
         torch.set_num_threads(threads)
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -594,6 +804,7 @@ def run(out_dir: str | Path = RESULTS_DIR, *, quick: bool = False) -> dict[str, 
     }
     (out_dir / "step_time.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "step_time.md").write_text(render_markdown(results))
+    (out_dir / "methods_table.md").write_text(render_methods_table(results))
     return results
 
 
@@ -601,9 +812,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few tiny repetitions")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=CASE_NAMES,
+        help="run only this case (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
-    results = run(args.out, quick=args.quick)
+    results = run(args.out, quick=args.quick, case_names=args.case)
     print(render_markdown(results))
+    print(render_methods_table(results))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bayesflat import samplers
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
 
 
@@ -42,17 +44,29 @@ def test_quick_run_writes_markdown_and_json(step_time, quick_run):
         assert key in on_disk["machine"]
     assert on_disk["machine"]["torch_threads"] == 1
 
-    for header in ("ratio to SGD", "IQR", "outside fwd/bwd", "persistent extra", "peak in step"):
+    for header in (
+        "passes/step",
+        "ratio to SGD",
+        "IQR",
+        "outside fwd/bwd",
+        "persistent extra",
+        "peak in step",
+    ):
         assert header in md
     assert "Quick smoke run" in md
     assert "Claim fSGLD / SGD <= 1.03" in md
 
 
-def test_every_method_has_its_columns(step_time, quick_run):
+def test_every_registered_method_in_both_cases(step_time, quick_run):
     _, results = quick_run
-    mlp = results["cases"]["digits_mlp"]
-    assert tuple(mlp["methods"]) == step_time.ALL_METHODS
-    assert set(results["cases"]["convnet32"]["methods"]) == {"sgd", "sgld", "fsgld"}
+    registered = samplers.available()
+    cnn, mlp = results["cases"]["convnet32"], results["cases"]["digits_mlp"]
+    assert list(cnn["methods"]) == ["torch_sgd", *registered]
+    assert list(mlp["methods"]) == ["torch_sgd", *step_time.REFERENCES, *registered]
+
+
+def test_every_method_has_its_columns(quick_run):
+    _, results = quick_run
     for case in results["cases"].values():
         assert case["rounds"] >= 2
         for name, method in case["methods"].items():
@@ -61,9 +75,21 @@ def test_every_method_has_its_columns(step_time, quick_run):
                 for key in ("median_ms", "q1_ms", "q3_ms", "ratio_median", "ratio_q1", "ratio_q3"):
                     assert math.isfinite(stats[key]), (name, kind, key)
             assert method["cpu"]["median_ms"] > 0
+            assert method["passes_per_step"] >= 1
             assert method["persistent_bytes"] >= 0 and method["peak_step_bytes"] >= 0
+            assert method["kind"] in ("baseline", "reference", "sampler", "optimiser")
             assert len(case["per_round_seconds"]["cpu"][name]) == case["rounds"]
-        assert case["methods"]["sgd"]["cpu"]["ratio_median"] == 1.0
+            assert len(case["per_round_passes"][name]) == case["rounds"]
+        assert case["methods"]["torch_sgd"]["cpu"]["ratio_median"] == 1.0
+
+
+def test_methods_run_at_the_driver_temperatures(quick_run):
+    _, results = quick_run
+    for case in results["cases"].values():
+        for entry in samplers.describe():
+            method = case["methods"][entry.name]
+            assert method["temperature"] == (1.0 if entry.is_sampler else 0.0), entry.name
+            assert method["kind"] == ("sampler" if entry.is_sampler else "optimiser")
 
 
 def test_markdown_lists_every_method(quick_run):
@@ -74,8 +100,27 @@ def test_markdown_lists_every_method(quick_run):
             assert f"| `{name}` |" in md
 
 
-def test_cli_quick_writes_into_out(step_time, tmp_path, capsys):
-    step_time.main(["--quick", "--out", str(tmp_path / "cli")])
+def test_methods_table_has_one_row_per_registered_method(quick_run):
+    out, _ = quick_run
+    table = (out / "methods_table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    for column in ("passes/step", "CNN ratio to SGD", "MLP ratio to SGD", "extra buffers"):
+        assert column in header
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == samplers.available()
+    width = header.count("|")
+    assert all(row.count("|") == width for row in rows)
+
+
+def test_cli_one_case_writes_into_out(step_time, tmp_path, capsys):
+    step_time.main(["--quick", "--case", "digits_mlp", "--out", str(tmp_path / "cli")])
+    on_disk = json.loads((tmp_path / "cli" / "step_time.json").read_text())
+    assert set(on_disk["cases"]) == {"digits_mlp"}
     assert (tmp_path / "cli" / "step_time.md").is_file()
-    assert (tmp_path / "cli" / "step_time.json").is_file()
+    assert "MLP ratio to SGD" in (tmp_path / "cli" / "methods_table.md").read_text()
     assert "digits_mlp" in capsys.readouterr().out
+
+
+def test_unknown_case_is_refused(step_time, tmp_path):
+    with pytest.raises(ValueError, match="case_names"):
+        step_time.run(tmp_path, quick=True, case_names=["cifar"])
