@@ -507,6 +507,7 @@ def sample(
                 partial, chain=c, step=step,
             ) from err  # fmt: skip
         if bar is not None:
+            bar.set_postfix(draw=recorder.kept[c], potential=f"{running:.4f}", refresh=False)
             bar.update(planned - bar.n)
             bar.close()
         if output_path is not None and c < chains - 1:
