@@ -127,6 +127,9 @@ class RandomlySmoothedPerturbation(GradientEstimator):
         torch._foreach_copy_(backup, moved)
         for (plist, rho), views in zip(active, directions, strict=True):
             torch._foreach_add_(plist, views, alpha=sign * rho / u_norm)
+        # The clean gradient lives on in ``saved``; releasing it lets the second backward reuse
+        # its memory.
+        del grads
         sampler.zero_grad(set_to_none=True)
         with frozen_batchnorm(self._batchnorm), torch.enable_grad():
             closure()

@@ -110,11 +110,14 @@ class SharpnessAwareGradient(GradientEstimator):
         torch._foreach_copy_(backup, params)
         for plist, grads, rho in active:
             torch._foreach_add_(plist, grads, alpha=rho / grad_norm)
+        # Drop every reference to the first-pass gradients so the second backward can reuse
+        # their memory: the step then peaks at SGD's footprint.
+        rhos = [rho for _, _, rho in active]
+        del active, grads
         sampler.zero_grad(set_to_none=True)
         with frozen_batchnorm(self._batchnorm), torch.enable_grad():
             perturbed = closure()
         torch._foreach_copy_(params, backup)
-        rhos = [rho for _, _, rho in active]
         ascent_sq = sum((rho * float(n)) ** 2 for rho, n in zip(rhos, group_norms, strict=True))
         self._radius = math.sqrt(ascent_sq) / grad_norm
         self._sharpness = float(perturbed) - float(loss)
