@@ -34,6 +34,7 @@ import numpy as np
 
 from bayesflat import metrics, predictive
 from bayesflat import trace as _trace
+from bayesflat.diagnostics.report import diagnose
 from bayesflat.predictive import Ensemble, Estimate
 
 __all__ = [
@@ -104,11 +105,15 @@ class Report:
         PNG images by name.
     captions : dict of str to str
         One caption per figure.
+    diagnostics_html : str
+        The convergence, temperature and flatness table
+        (:func:`bayesflat.diagnostics.report.diagnose`) as an HTML section.
     """
 
     summary: dict[str, Any]
     figures: dict[str, bytes] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
+    diagnostics_html: str = ""
 
     def to_json(self) -> str:
         """``summary`` as indented JSON (non-finite numbers are null)."""
@@ -256,7 +261,9 @@ def build_report(
                 s: {m: e.to_dict() for m, e in table.items()} for s, table in scores.items()
             },
         }
-    report = Report(summary=_clean(summary))
+    diagnosis = diagnose(trace)
+    summary["diagnostics"] = diagnosis.to_dict()
+    report = Report(summary=_clean(summary), diagnostics_html=diagnosis.to_html())
     if figures:
         _draw_figures(report, trace, test_ens, ood_ens, raw_p, scaled_p, labels, kind)
     return report
@@ -879,7 +886,7 @@ def _render_report(report: Report) -> str:
         '<nav><a href="#summary">Summary</a><a href="#settings">Run settings</a>'
         '<a href="#calibration">Calibration</a><a href="#uncertainty">Uncertainty</a>'
         '<a href="#ood">OOD detection</a><a href="#draws">Draws</a>'
-        '<a href="#traces">Traces</a></nav>',
+        '<a href="#traces">Traces</a><a href="#diagnostics">Diagnostics</a></nav>',
     ]
     if not run.get("complete", True):
         parts.append(
@@ -1002,6 +1009,7 @@ def _render_report(report: Report) -> str:
 
     parts.append('<h2 id="traces">Sampler traces</h2>')
     parts.append(_figure_html(report, "trace") or "<p>The trace holds no sample statistics.</p>")
+    parts.append(report.diagnostics_html)
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
 

@@ -242,3 +242,15 @@ def test_load_summary_reads_run_folders_json_and_traces(sampled, tmp_path):
         report.load_summary(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="neither"):
         report.load_summary(tmp_path)
+
+
+def test_report_carries_the_diagnostics_table(sampled):
+    from bayesflat.diagnostics.report import diagnose
+
+    trace, rep = sampled
+    expected = diagnose(trace).to_dict()
+    assert rep.summary["diagnostics"]["counts"] == expected["counts"]
+    assert rep.summary["diagnostics"]["thresholds"] == expected["thresholds"]
+    html = rep.to_html()
+    assert 'id="diagnostics"' in html and 'href="#diagnostics"' in html
+    assert "R-hat" in html
