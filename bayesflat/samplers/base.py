@@ -103,6 +103,9 @@ class GradientEstimator:
         """Fill ``p.grad`` and return the (detached) potential."""
         raise NotImplementedError
 
+    def validate(self, group: dict[str, Any]) -> None:
+        """Check (and normalise) the hyperparameters this estimator reads from ``group``."""
+
     def stats(self, sampler: Sampler) -> dict[str, float]:
         """Per-step statistics this estimator adds to ``sample_stats``."""
         return {}
@@ -136,6 +139,9 @@ class Dynamics:
     def update(self, sampler: Sampler) -> None:
         """Move the parameters of every group using ``p.grad``."""
         raise NotImplementedError
+
+    def validate(self, group: dict[str, Any]) -> None:
+        """Check (and normalise) the hyperparameters this dynamics reads from ``group``."""
 
     def stats(self, sampler: Sampler) -> dict[str, float]:
         """Per-step statistics this dynamics adds to ``sample_stats``."""
@@ -225,6 +231,10 @@ class Sampler(torch.optim.Optimizer):
         group["num_data"] = validate_num_data(group["num_data"])
         group["temperature"] = validate_temperature(group["temperature"])
         group["lr"] = check_positive(group["lr"], "lr")
+        if not isinstance(group.get("perturb", True), bool):
+            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
+        self.estimator.validate(group)
+        self.dynamics.validate(group)
 
     # -- workspace ------------------------------------------------------------------------------
 

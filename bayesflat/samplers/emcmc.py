@@ -168,10 +168,6 @@ class EMCMC(Sampler):
             coupling=coupling,
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        self.dynamics.validate(group)
-
     def guide_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
         """``model.state_dict()`` with every sampled parameter replaced by its guide ``theta_a``.
 

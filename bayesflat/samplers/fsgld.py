@@ -67,6 +67,12 @@ class CoupledPerturbation(PerturbedGradient):
     name = "coupled_perturbation"
     defaults: dict[str, Any] = {"sigma": None, "eta": 0.1, "perturb": True}
 
+    def validate(self, group: dict[str, Any]) -> None:
+        """Check ``0 < eta < 1`` and ``sigma`` (``None`` or ``>= 0``)."""
+        group["eta"] = validate_eta(group["eta"])
+        if group["sigma"] is not None:
+            group["sigma"] = check_positive(group["sigma"], "sigma", allow_zero=True)
+
     def resolve_sigma(self, group: dict[str, Any]) -> float:
         """``group["sigma"]`` if set, else ``(T / N)^((1 + eta) / 4)`` of the group."""
         if group["sigma"] is not None:
@@ -143,14 +149,6 @@ class FSGLD(Sampler):
             sigma=sigma,
             eta=eta,
         )
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        group["eta"] = validate_eta(group["eta"])
-        if group["sigma"] is not None:
-            group["sigma"] = check_positive(group["sigma"], "sigma", allow_zero=True)
-        if not isinstance(group.get("perturb", True), bool):
-            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
 
     def effective_sigma(self, group_index: int = 0) -> float:
         """The perturbation scale the next step of group ``group_index`` will use."""

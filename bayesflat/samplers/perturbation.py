@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayesflat.samplers.base import Closure, FlatBuffer, GradientEstimator, Sampler
+from bayesflat.samplers.base import (
+    Closure,
+    FlatBuffer,
+    GradientEstimator,
+    Sampler,
+    check_positive,
+)
 
 __all__ = ["PERTURBATIONS", "PerturbedGradient", "exclude_from_perturbation"]
 
@@ -152,6 +158,10 @@ class PerturbedGradient(GradientEstimator):
         self.filter_normalised = filter_normalised
         self._sigma = 0.0
         self._filters: tuple[FlatBuffer, list[tuple[Tensor, int]]] | None = None
+
+    def validate(self, group: dict[str, Any]) -> None:
+        """Check ``sigma >= 0``."""
+        group["sigma"] = check_positive(group["sigma"], "sigma", allow_zero=True)
 
     def resolve_sigma(self, group: dict[str, Any]) -> float:
         """Perturbation scale of ``group`` (parameter units); 0 disables the perturbation."""

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from bayesflat.samplers.base import Dynamics, PlainGradient, Sampler, check_positive
-from bayesflat.samplers.fsgld import CoupledPerturbation, validate_eta
+from bayesflat.samplers.fsgld import CoupledPerturbation
 from bayesflat.samplers.langevin import langevin_noise_scale
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "PSGLD",
     "PreconditionedLangevinDynamics",
     "state_tensors",
-    "validate_perturbation_group",
 ]
 
 
@@ -58,15 +57,6 @@ def state_tensors(
             value = state[key] = init(p.detach())
         out.append(value)
     return out
-
-
-def validate_perturbation_group(group: dict[str, Any]) -> None:
-    """Check the hyperparameters a :class:`CoupledPerturbation` reads from ``group``."""
-    group["eta"] = validate_eta(group["eta"])
-    if group["sigma"] is not None:
-        group["sigma"] = check_positive(group["sigma"], "sigma", allow_zero=True)
-    if not isinstance(group.get("perturb", True), bool):
-        raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
 
 
 class PreconditionedLangevinDynamics(Dynamics):
@@ -207,10 +197,6 @@ class PSGLD(Sampler):
             eps=eps,
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        self.dynamics.validate(group)
-
 
 class FPSGLD(Sampler):
     """Flatness-aware pSGLD: the fSGLD gradient with the pSGLD preconditioner.
@@ -292,8 +278,3 @@ class FPSGLD(Sampler):
             sigma=sigma,
             eta=eta,
         )
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        self.dynamics.validate(group)
-        validate_perturbation_group(group)

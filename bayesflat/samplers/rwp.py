@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bayesflat.samplers.base import Sampler, check_positive
+from bayesflat.samplers.base import Sampler
 from bayesflat.samplers.langevin import LangevinDynamics
 from bayesflat.samplers.perturbation import PerturbedGradient
 
@@ -55,12 +55,6 @@ class _PerturbedOptimiser(Sampler):
             generator=generator,
             sigma=sigma,
         )
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        group["sigma"] = check_positive(group["sigma"], "sigma", allow_zero=True)
-        if not isinstance(group.get("perturb", True), bool):
-            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
 
 
 class RWP(_PerturbedOptimiser):

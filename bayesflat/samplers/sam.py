@@ -85,6 +85,10 @@ class SharpnessAwareGradient(GradientEstimator):
         """Freeze the BatchNorm statistics of ``model`` during the second pass."""
         self._batchnorm = batchnorm_layers(model)
 
+    def validate(self, group: dict[str, Any]) -> None:
+        """Check ``rho >= 0``."""
+        group["rho"] = check_positive(group["rho"], "rho", allow_zero=True)
+
     def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
         sampler.zero_grad(set_to_none=True)
         with torch.enable_grad():
@@ -195,12 +199,6 @@ class SAM(Sampler):
             generator=generator,
             rho=rho,
         )
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        group["rho"] = check_positive(group["rho"], "rho", allow_zero=True)
-        if not isinstance(group.get("perturb", True), bool):
-            raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
 
     def begin_chain(self, context: Any) -> None:
         """Driver hook: freeze the chain model's BatchNorm statistics in the second pass."""

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bayesflat.samplers.base import Dynamics, PlainGradient, Sampler
 from bayesflat.samplers.fsgld import CoupledPerturbation
-from bayesflat.samplers.psgld import state_tensors, validate_perturbation_group
+from bayesflat.samplers.psgld import state_tensors
 
 __all__ = ["FSGHMC", "SGHMC", "SGHMCDynamics"]
 
@@ -163,10 +163,6 @@ class SGHMC(Sampler):
             alpha=alpha,
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        self.dynamics.validate(group)
-
 
 class FSGHMC(Sampler):
     """Flatness-aware SGHMC: the fSGLD gradient driving SGHMC dynamics.
@@ -245,8 +241,3 @@ class FSGHMC(Sampler):
             sigma=sigma,
             eta=eta,
         )
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        self.dynamics.validate(group)
-        validate_perturbation_group(group)
