@@ -175,11 +175,11 @@ def test_output_saved_and_loads_equal(tmp_path):
 
 def test_arviz_functions_run_on_a_sampled_trace():
     tr = _run(draws=20, chains=2)
-    summary = az.summary(tr, var_names=["2.bias"])
-    assert len(summary) == 3
-    assert np.all(np.isfinite(az.ess(tr, var_names=["2.bias"])["2.bias"].values))
-    az.rhat(tr, var_names=["2.bias"])
-    az.plot_trace(tr, var_names=["2.bias"])
+    summary = az.summary(tr)
+    assert len(summary) == 8 * 5 + 8 + 3 * 8 + 3  # every weight of the network
+    assert np.all(np.isfinite(az.ess(tr)["2.bias"].values))
+    assert np.all(np.isfinite(az.rhat(tr)["2.bias"].values))
+    az.plot_trace(tr)
     matplotlib.pyplot.close("all")
     with pytest.warns(UserWarning):  # 40 draws are few for PSIS; the estimate is still finite
         loo = az.loo(tr)
