@@ -499,9 +499,10 @@ def sample(
             partial = None
             if any(recorder.kept):
                 partial = recorder.build(attrs, complete=False, reason=reason, upto_chain=c)
-            if output_path is not None and partial is not None:
+            saved = partial is not None and output_path is not None
+            if saved:
                 _trace.save(partial, output_path)
-            where = f" (partial trace saved to {output_path})" if partial and output_path else ""
+            where = f" (partial trace saved to {output_path})" if saved else ""
             raise SamplingError(
                 f"sampling stopped: {reason}; {sum(recorder.kept)} draws kept{where}",
                 partial, chain=c, step=step,
