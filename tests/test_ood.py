@@ -183,3 +183,20 @@ def test_mutual_information_decomposition_and_disagreement():
 def test_validation_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_rank_based_auroc_and_ap_equal_sklearn_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from bayesflat.metrics import ood
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        decimals = int(rng.integers(0, 3))  # 0 decimals: many ties
+        s_in = np.round(rng.normal(size=int(rng.integers(1, 50))), decimals)
+        s_out = np.round(rng.normal(0.5, size=int(rng.integers(1, 50))), decimals)
+        y = np.r_[np.zeros(s_in.size), np.ones(s_out.size)]
+        s = np.r_[s_in, s_out]
+        assert abs(ood.auroc(s_in, s_out) - roc_auc_score(y, s)) < 1e-12
+        assert abs(ood.aupr_out(s_in, s_out) - average_precision_score(y, s)) < 1e-12
+        assert abs(ood.aupr_in(s_in, s_out) - average_precision_score(1 - y, -s)) < 1e-12
