@@ -251,7 +251,7 @@ def save(trace: Trace, path: str | os.PathLike[str]) -> Path:
     trace : arviz.InferenceData or xarray.DataTree
         A trace made by :func:`build_trace` or :func:`load`.
     path : str or path-like
-        Destination file; its folder must exist.
+        Destination file; missing parent folders are created.
 
     Returns
     -------
@@ -271,6 +271,9 @@ def save(trace: Trace, path: str | os.PathLike[str]) -> Path:
             f"cannot save to {path}: the trace's root attribute created_by is "
             f"{root.get('created_by')!r}, expected 'bayesflat' (build it with build_trace)"
         )
+    if path.is_dir():
+        raise ValueError(f"path {path} is a folder; give a file name such as {path / 'trace.nc'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         xr.Dataset(attrs=root).to_netcdf(temporary, mode="w", engine="h5netcdf")

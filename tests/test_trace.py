@@ -377,3 +377,11 @@ def test_trace_without_weights_round_trips(data, tmp_path):
     assert T.get_group(tr, "posterior") is None
     assert T.groups(tr)["sample_stats"]["lp"].shape == (CHAINS, DRAWS)
     assert_same_trace(tr, T.load(T.save(tr, tmp_path / "no_weights.nc")))
+
+
+def test_save_creates_missing_folders_and_refuses_a_folder(trace, tmp_path):
+    target = tmp_path / "runs" / "a" / "trace.nc"
+    assert T.save(trace, target) == target
+    assert_same_trace(trace, T.load(target))
+    with pytest.raises(ValueError, match="is a folder"):
+        T.save(trace, tmp_path / "runs")
