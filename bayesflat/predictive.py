@@ -56,6 +56,7 @@ __all__ = [
     "ood_detection",
     "ood_scores",
     "predict",
+    "state_dict_at",
     "variation_ratio",
 ]
 
@@ -428,6 +429,42 @@ def from_trace(trace: Any, name: str = "test") -> Ensemble:
     if sets[name]:
         labels = _trace.get_group(trace, "observed_data")[var].values
     return Ensemble(probs, labels, logits, name)
+
+
+def state_dict_at(trace: Any, chain: int, draw: int) -> dict[str, Any]:
+    """The stored weights of one draw, keyed like ``model.state_dict()``.
+
+    Load it with ``model.load_state_dict(state_dict_at(trace, c, d), strict=False)`` (strict
+    when every ``state_dict`` entry was stored).
+
+    Parameters
+    ----------
+    trace : arviz.InferenceData or xarray.DataTree
+        A trace with a ``posterior`` group.
+    chain, draw : int
+        Indices into the ``chain`` and ``draw`` dimensions.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        float32 CPU tensors.
+    """
+    import torch
+
+    posterior = _trace.get_group(trace, "posterior")
+    if posterior is None:
+        raise ValueError("the trace has no posterior group; it stores no weights")
+    chains, draws = posterior.sizes["chain"], posterior.sizes["draw"]
+    if not (0 <= chain < chains and 0 <= draw < draws):
+        raise ValueError(
+            f"chain={chain}, draw={draw} is outside the trace's {chains} chains x {draws} draws"
+        )
+    return {
+        _trace.decode_name(str(name)): torch.from_numpy(
+            np.ascontiguousarray(posterior[name].values[chain, draw])
+        )
+        for name in posterior.data_vars
+    }
 
 
 def predict(

@@ -1,5 +1,7 @@
 """Predictive ensembles: stored vs recomputed predictions, uncertainty identities, MC errors."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,15 @@ def test_ensemble_validates_shapes():
         Ensemble(_dirichlet((1, 2, 5, 3)), labels=np.zeros(4, dtype=int))
     with pytest.raises(ValueError, match="features"):
         predictive.estimate({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))}, lambda a: {})
+
+
+def test_state_dict_at_reproduces_a_stored_draw(mlp_run):
+    model, sets, trace = mlp_run
+    net = copy.deepcopy(model).eval()
+    net.load_state_dict(predictive.state_dict_at(trace, 1, 2))
+    with torch.no_grad():
+        probs = torch.softmax(net(sets["test"][0]), -1).numpy()
+    stored = predictive.from_trace(trace, "test").probs[1, 2]
+    np.testing.assert_allclose(probs, stored, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        predictive.state_dict_at(trace, 2, 0)

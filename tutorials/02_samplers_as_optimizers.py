@@ -262,11 +262,6 @@ class FlatSGHMC(samplers.Sampler):
             eta=eta,
         )
 
-    def _validate_group(self, group: dict) -> None:
-        # The base class checks lr, T and N; the parts' own hyperparameters are checked here.
-        super()._validate_group(group)
-        self.dynamics.validate(group)  # 0 < alpha <= 1
-
 
 # The composition is exactly the registered fSGHMC, which is built the same way...
 def hot_weights(cls, steps: int = 50) -> torch.Tensor:

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 import bayesflat
-from bayesflat import data, diagnostics, models, samplers
-from bayesflat import trace as btrace
+from bayesflat import data, diagnostics, models, predictive, samplers
 
 QUICK = os.environ.get("BAYESFLAT_TUTORIAL_QUICK") == "1"
 CHAINS, BURN_IN, DRAWS, THIN = (2, 100, 6, 10) if QUICK else (4, 1500, 25, 60)
@@ -77,12 +76,7 @@ print(f"fSGLD (T = 1, sigma = {sigma:.4f}) and SGD: {CHAINS} chains x {STEPS} st
 def model_at(trace, chain: int, draw: int) -> torch.nn.Module:
     """An MLP holding the weights of one draw of a trace."""
     net = models.MLP()
-    posterior = trace.posterior
-    weights = {
-        key: torch.from_numpy(posterior[btrace.encode_name(key)].values[chain, draw])
-        for key in net.state_dict()
-    }
-    net.load_state_dict(weights)
+    net.load_state_dict(predictive.state_dict_at(trace, chain, draw))
     return net
 
 
