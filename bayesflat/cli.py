@@ -139,7 +139,6 @@ def run_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = models.build_model(args.model, num_classes=digits.num_classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
     trace_path = out_dir / "trace.nc"
     print(f"bayesflat run: {args.sampler} on digits ({digits.num_train} train) -> {out_dir}")
     try:
