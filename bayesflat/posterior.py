@@ -88,6 +88,10 @@ class Likelihood:
         """Per-example negative log-likelihood, shape ``(batch,)``, in nats."""
         raise NotImplementedError
 
+    def mean_nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Minibatch mean of :meth:`nll` (nats per example)."""
+        return self.nll(outputs, targets).mean()
+
     def config(self) -> dict[str, object]:
         """Settings recorded in the trace attributes."""
         return {"likelihood": self.name}
@@ -100,6 +104,9 @@ class CategoricalLikelihood(Likelihood):
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def mean_nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets)
 
 
 class GaussianLikelihood(Likelihood):
@@ -221,16 +228,21 @@ class GaussianPrior(Prior):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             by_precision.setdefault(1.0 / self.scale_for(name) ** 2, []).append(p)
-        total = None
         for precision, params in by_precision.items():
             torch._foreach_add_([p.grad for p in params], params, alpha=weight * precision)
-            sq = torch.stack(torch._foreach_norm(params)).to(torch.float64).square().sum()
-            term = 0.5 * precision * sq
-            total = term if total is None else total + term
-        return total.to(next(iter(named_params.values())).dtype)
+        return _half_weighted_square_norm(by_precision)
 
     def config(self) -> dict[str, object]:
         return {"prior": self.name, "prior_scale": self.scale, "prior_scales": dict(self.scales)}
+
+
+def _half_weighted_square_norm(by_precision: Mapping[float, list[Tensor]]) -> Tensor:
+    """``sum_c c / 2 * sum_{p in group c} ||p||^2``, one ``_foreach_norm`` per precision."""
+    terms = [
+        torch.stack(torch._foreach_norm(params)).square().sum() * (0.5 * precision)
+        for precision, params in by_precision.items()
+    ]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 class _WeightedHalfSquaredNorm(torch.autograd.Function):
@@ -245,9 +257,10 @@ class _WeightedHalfSquaredNorm(torch.autograd.Function):
     def forward(ctx: Any, precisions: tuple[float, ...], *params: Tensor) -> Tensor:
         ctx.precisions = precisions
         ctx.save_for_backward(*params)
-        norms = torch.stack(torch._foreach_norm(params)).to(torch.float64)
-        weights = torch.tensor(precisions, dtype=torch.float64, device=norms.device)
-        return (0.5 * (weights * norms.square()).sum()).to(params[0].dtype)
+        by_precision: dict[float, list[Tensor]] = {}
+        for precision, p in zip(precisions, params, strict=True):
+            by_precision.setdefault(precision, []).append(p)
+        return _half_weighted_square_norm(by_precision)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
@@ -334,7 +347,7 @@ class Posterior:
 
         ``L_B = mean_{i in B} -log p(y_i | x_i, theta) - log p(theta) / N``.
         """
-        nll = self.likelihood.nll(self.model(inputs), targets).mean()
+        nll = self.likelihood.mean_nll(self.model(inputs), targets)
         neg_log_prior = self.prior.neg_log_prob(self.named_parameters())
         if neg_log_prior is None:
             return nll
@@ -350,12 +363,12 @@ class Posterior:
         network halves the cost of a step compared with back-propagating it.
         """
 
+        named = self.named_parameters()
+
         def closure() -> Tensor:
-            nll = self.likelihood.nll(self.model(inputs), targets).mean()
+            nll = self.likelihood.mean_nll(self.model(inputs), targets)
             nll.backward()
-            neg_log_prior = self.prior.accumulate_grad_(
-                self.named_parameters(), 1.0 / self.num_data
-            )
+            neg_log_prior = self.prior.accumulate_grad_(named, 1.0 / self.num_data)
             if neg_log_prior is None:
                 return nll.detach()
             return nll.detach() + neg_log_prior / self.num_data
