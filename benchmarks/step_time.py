@@ -2,8 +2,10 @@
 
 A *step* is zero grad + forward + backward + update on one fixed minibatch:
 
-- ``torch.optim.SGD`` (``torch_sgd``, the baseline):
-  ``opt.zero_grad(); posterior.potential(x, y).backward(); opt.step()``;
+- ``torch.optim.SGD`` (``torch_sgd``, the baseline), as a PyTorch user writes it, with the
+  Gaussian prior as its weight decay ``1 / (N s^2)``:
+  ``opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()`` (bit for bit the
+  update of bayesflat's ``sgd``);
 - every method of the registry :mod:`bayesflat.samplers` (built as the driver builds it:
   ``get(name)(params, lr=LR, num_data=N, temperature=T, generator=...)`` with ``T = 1`` for
   samplers and ``T = 0`` for optimisers, then its ``begin_chain`` hook and ``planned_steps``):
@@ -294,13 +296,13 @@ def build_methods(
         return method
 
     def sgd_step(extra: Callable[[], None] | None = None) -> Method:
-        opt = torch.optim.SGD(params, lr=LR)
+        opt = torch.optim.SGD(params, lr=LR, weight_decay=1.0 / case.num_data)
         clock, passes = [0.0], [0]
 
         def step() -> None:
             opt.zero_grad()
             start = time.thread_time()
-            posterior.potential(x, y).backward()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
             clock[0] += time.thread_time() - start
             passes[0] += 1
             opt.step()
