@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayesflat.samplers.base import Closure, GradientEstimator, Sampler, check_positive
+from bayesflat.samplers.base import Closure, Sampler
 from bayesflat.samplers.langevin import LangevinDynamics
-from bayesflat.samplers.sam import batchnorm_layers, frozen_batchnorm
+from bayesflat.samplers.sam import SecondPassGradient, SecondPassOptimiser, frozen_batchnorm
 
 __all__ = ["DIRECTIONS", "Escape", "EscapeSAM", "RandomlySmoothedPerturbation"]
 
@@ -48,7 +48,7 @@ def _global_norm(tensors: list[Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
 
 
-class RandomlySmoothedPerturbation(GradientEstimator):
+class RandomlySmoothedPerturbation(SecondPassGradient):
     """``g + P_g^perp grad L_B(x + rho u)`` when ``||g|| <= eps0``, else ``g``.
 
     Per-group hyperparameters: ``rho`` (perturbation radius, parameter units) and ``perturb``
@@ -69,7 +69,6 @@ class RandomlySmoothedPerturbation(GradientEstimator):
     """
 
     name = "randomly_smoothed_perturbation"
-    defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
 
     def __init__(
         self, eps0: float, direction: str = "sphere", model: nn.Module | None = None
@@ -78,21 +77,13 @@ class RandomlySmoothedPerturbation(GradientEstimator):
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if isinstance(eps0, bool) or not isinstance(eps0, int | float) or not eps0 > 0:
             raise ValueError(f"eps0 must be a number > 0 (inf perturbs every step), got {eps0!r}")
+        super().__init__(model)
         self.eps0 = float(eps0)
         self.direction = direction
-        self._batchnorm = batchnorm_layers(model)
         self._applied = 0.0
         self._rho = 0.0
         self._v_norm = 0.0
         self._clean_norm = 0.0
-
-    def watch(self, model: nn.Module | None) -> None:
-        """Freeze the BatchNorm statistics of ``model`` during the second pass."""
-        self._batchnorm = batchnorm_layers(model)
-
-    def validate(self, group: dict[str, Any]) -> None:
-        """Check ``rho >= 0``."""
-        group["rho"] = check_positive(group["rho"], "rho", allow_zero=True)
 
     def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
         sampler.zero_grad(set_to_none=True)
@@ -170,7 +161,7 @@ class RandomlySmoothedPerturbation(GradientEstimator):
         return {"estimator": self.name, "eps0": self.eps0, "direction": self.direction}
 
 
-class Escape(Sampler):
+class Escape(SecondPassOptimiser):
     """Randomly smoothed perturbation (Ahn, Jadbabaie, Sra; ICML 2024, Algorithm 1).
 
     Update rule, in mean-loss units (a second forward/backward pass only when perturbing):
@@ -242,10 +233,6 @@ class Escape(Sampler):
             generator=generator,
             rho=rho,
         )
-
-    def begin_chain(self, context: Any) -> None:
-        """Driver hook: freeze the chain model's BatchNorm statistics in the second pass."""
-        self.estimator.watch(context.model)
 
 
 class EscapeSAM(Escape):

@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from bayesflat.samplers.base import Closure, GradientEstimator, Sampler, check_positive
 from bayesflat.samplers.langevin import LangevinDynamics
 
-__all__ = ["SAM", "SharpnessAwareGradient", "batchnorm_layers", "frozen_batchnorm"]
+__all__ = [
+    "SAM",
+    "SecondPassGradient",
+    "SecondPassOptimiser",
+    "SharpnessAwareGradient",
+    "batchnorm_layers",
+    "frozen_batchnorm",
+]
 
 
 def batchnorm_layers(model: nn.Module | None) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -58,7 +65,38 @@ def frozen_batchnorm(layers: Iterable[nn.modules.batchnorm._BatchNorm]) -> Itera
             m.track_running_stats = True
 
 
-class SharpnessAwareGradient(GradientEstimator):
+class SecondPassGradient(GradientEstimator):
+    """Base of the estimators that take a second gradient at ``theta`` moved by ``rho``.
+
+    Holds the per-group radius ``rho`` (checked ``>= 0``) and the BatchNorm layers whose
+    running statistics the second pass must leave alone (:func:`frozen_batchnorm`).
+    """
+
+    defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self._batchnorm = batchnorm_layers(model)
+
+    def watch(self, model: nn.Module | None) -> None:
+        """Freeze the BatchNorm statistics of ``model`` during the second pass."""
+        self._batchnorm = batchnorm_layers(model)
+
+    def validate(self, group: dict[str, Any]) -> None:
+        """Check ``rho >= 0``."""
+        group["rho"] = check_positive(group["rho"], "rho", allow_zero=True)
+
+
+class SecondPassOptimiser(Sampler):
+    """A sampler whose estimator is a :class:`SecondPassGradient`."""
+
+    estimator: SecondPassGradient
+
+    def begin_chain(self, context: Any) -> None:
+        """Driver hook: freeze the chain model's BatchNorm statistics in the second pass."""
+        self.estimator.watch(context.model)
+
+
+class SharpnessAwareGradient(SecondPassGradient):
     """The SAM gradient ``grad L_B(theta + rho g / ||g||)``, ``g = grad L_B(theta)``.
 
     Per-group hyperparameters: ``rho`` (ascent radius, parameter units; ``0`` gives the plain
@@ -74,20 +112,11 @@ class SharpnessAwareGradient(GradientEstimator):
     """
 
     name = "sharpness_aware"
-    defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
 
     def __init__(self, model: nn.Module | None = None) -> None:
-        self._batchnorm = batchnorm_layers(model)
+        super().__init__(model)
         self._radius = 0.0
         self._sharpness = 0.0
-
-    def watch(self, model: nn.Module | None) -> None:
-        """Freeze the BatchNorm statistics of ``model`` during the second pass."""
-        self._batchnorm = batchnorm_layers(model)
-
-    def validate(self, group: dict[str, Any]) -> None:
-        """Check ``rho >= 0``."""
-        group["rho"] = check_positive(group["rho"], "rho", allow_zero=True)
 
     def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
         sampler.zero_grad(set_to_none=True)
@@ -138,7 +167,7 @@ class SharpnessAwareGradient(GradientEstimator):
         }
 
 
-class SAM(Sampler):
+class SAM(SecondPassOptimiser):
     """Sharpness-aware minimisation (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021).
 
     Update rule, in mean-loss units (two forward/backward passes on the same minibatch):
@@ -199,7 +228,3 @@ class SAM(Sampler):
             generator=generator,
             rho=rho,
         )
-
-    def begin_chain(self, context: Any) -> None:
-        """Driver hook: freeze the chain model's BatchNorm statistics in the second pass."""
-        self.estimator.watch(context.model)
