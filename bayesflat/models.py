@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bayesflat._checks import check_int
+
 __all__ = [
     "MLP",
     "ConvNet32",
@@ -36,12 +38,6 @@ def _activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; available: {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]()
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _as_images(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
@@ -88,9 +84,9 @@ class MLP(nn.Sequential):
         num_classes: int = 10,
         activation: str = "relu",
     ):
-        widths = [_check_positive("in_features", in_features)]
-        widths += [_check_positive("hidden width", h) for h in hidden]
-        widths.append(_check_positive("num_classes", num_classes))
+        widths = [check_int(in_features, "in_features", 1)]
+        widths += [check_int(h, "hidden width", 1) for h in hidden]
+        widths.append(check_int(num_classes, "num_classes", 1))
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             layers.append(nn.Linear(w_in, w_out))
@@ -130,12 +126,12 @@ class SmallCNN(nn.Module):
         image_size: int = 8,
     ):
         super().__init__()
-        self.in_channels = _check_positive("in_channels", in_channels)
-        self.image_size = _check_positive("image_size", image_size)
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        self.image_size = check_int(image_size, "image_size", 1)
         if image_size % 2:
             raise ValueError(f"image_size must be even (one 2x2 pooling), got {image_size}")
-        _check_positive("num_classes", num_classes)
-        _check_positive("width", width)
+        check_int(num_classes, "num_classes", 1)
+        check_int(width, "width", 1)
         self.features = nn.Sequential(
             *_conv_block(in_channels, width, batch_norm),
             *_conv_block(width, 2 * width, batch_norm),
@@ -179,9 +175,9 @@ class ConvNet32(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
         super().__init__()
-        self.in_channels = _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
-        _check_positive("width", width)
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        check_int(num_classes, "num_classes", 1)
+        check_int(width, "width", 1)
         w1, w2, w3 = width, 2 * width, 4 * width
         self.features = nn.Sequential(
             *_conv_block(in_channels, w1, True),

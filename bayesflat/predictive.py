@@ -38,6 +38,7 @@ import numpy as np
 
 from bayesflat import metrics
 from bayesflat import trace as _trace
+from bayesflat._checks import check_choice
 from bayesflat.metrics._validation import check_probs
 
 __all__ = [
@@ -575,12 +576,6 @@ def predict(
     return Ensemble(probs, labels, logits, name)
 
 
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 def estimate(
     features: Mapping[str, Any],
     fn: Callable[[dict[str, np.ndarray]], Mapping[str, float]],
@@ -629,8 +624,8 @@ def estimate(
     dict of str to Estimate
         One entry per metric ``fn`` returns.
     """
-    _check_choice(ensemble, "ensemble", ENSEMBLES)
-    _check_choice(method, "method", MC_METHODS)
+    check_choice(ensemble, "ensemble", ENSEMBLES)
+    check_choice(method, "method", MC_METHODS)
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
         raise ValueError(f"n_boot must be an integer >= 2, got {n_boot!r}")
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}

@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from bayesflat import samplers as _samplers
 from bayesflat import trace as _trace
-from bayesflat.posterior import Likelihood, Posterior, Prior, validate_temperature
+from bayesflat._checks import validate_temperature
+from bayesflat.target.torch import Likelihood, Posterior, Prior
 
 __all__ = ["ChainContext", "SamplingError", "chain_seeds", "sample"]
 
@@ -338,7 +339,7 @@ def sample(
     num_data : int, optional
         ``N``; defaults to the number of training examples.
     likelihood, prior
-        See :class:`bayesflat.posterior.Posterior`.
+        See :class:`bayesflat.target.torch.Posterior`.
     init : {"reset", "model"}, default "reset"
         ``"reset"`` re-initialises every chain independently (``reset_parameters`` under the
         chain's seed); ``"model"`` starts every chain from the given weights.

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from bayesflat._checks import check_positive
+
 __all__ = [
     "Schedule",
     "constant",
@@ -49,15 +51,6 @@ class Schedule:
 
     def __repr__(self) -> str:
         return self.__name__
-
-
-def _positive(value: object, argname: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{argname} must be a finite number > 0, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{argname} must be a finite number > 0, got {value!r}")
-    return v
 
 
 def _count(value: object, argname: str) -> int:
@@ -102,8 +95,8 @@ def polynomial_decay(a: float, b: float = 1.0, gamma: float = 0.55) -> Schedule:
     Schedule
         ``t -> a (b + t)^(-gamma)``.
     """
-    a = _positive(a, "a")
-    b = _positive(b, "b")
+    a = check_positive(a, "a")
+    b = check_positive(b, "b")
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma <= 1:
         raise ValueError(f"gamma must lie in (0, 1], got {gamma!r}")
     g = float(gamma)
@@ -166,7 +159,7 @@ def cyclical_cosine(total_steps: int, cycles: int, lr0: float) -> Schedule:
         Initial step size of every cycle (``> 0``), mean-loss units.
     """
     length = cycle_length(total_steps, cycles)
-    lr0 = _positive(lr0, "lr0")
+    lr0 = check_positive(lr0, "lr0")
     return Schedule(
         f"cyclical_cosine(total_steps={total_steps}, cycles={cycles}, lr0={lr0!r})",
         lambda step: lr0 / 2.0 * (math.cos(math.pi * (step % length) / length) + 1.0),

@@ -11,7 +11,7 @@ A *step* is zero grad + forward + backward + update on one fixed minibatch:
   samplers and ``T = 0`` for optimisers, then its ``begin_chain`` hook and ``planned_steps``):
   ``opt.step(posterior.closure(x, y))``.
 
-All methods share one model, one batch and one :class:`~bayesflat.posterior.Posterior`
+All methods share one model, one batch and one :class:`~bayesflat.target.torch.Posterior`
 (Gaussian prior of scale 1), run in one process on one thread, and are interleaved: every
 round runs each method for ``steps_per_round`` steps, in a freshly shuffled order, so that the
 load of a noisy machine falls on all of them alike. Times are CPU time of this thread (all the
@@ -81,9 +81,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from bayesflat import samplers
 from bayesflat.models import MLP, ConvNet32
-from bayesflat.posterior import Posterior
 from bayesflat.samplers import coupled_sigma, langevin_noise_scale
 from bayesflat.sampling import ChainContext
+from bayesflat.target.torch import Posterior
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINE = "torch_sgd"

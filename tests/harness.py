@@ -67,7 +67,7 @@ class RowwiseLinear(nn.Module):
 
     ``forward(x)`` returns ``(n, K)``: one output dimension per chain. With targets expanded
     to ``(n, K)``, a per-example likelihood that sums over output dimensions (as
-    :class:`~bayesflat.posterior.GaussianLikelihood` does) gives ``sum_k NLL_i(w_k)``.
+    :class:`~bayesflat.target.torch.GaussianLikelihood` does) gives ``sum_k NLL_i(w_k)``.
     """
 
     def __init__(self, init: Tensor) -> None:
@@ -82,7 +82,7 @@ def rows_closure(weights: Tensor, potential: Callable[[Tensor], Tensor]) -> Call
     """Closure evaluating ``sum_k L(w_k)`` for a per-row potential ``L``.
 
     ``potential(weights)`` returns the per-row potentials ``(K,)`` (mean-loss units) or their
-    sum; the closure back-propagates the sum, as a :class:`~bayesflat.posterior.Posterior`
+    sum; the closure back-propagates the sum, as a :class:`~bayesflat.target.torch.Posterior`
     closure does.
     """
 

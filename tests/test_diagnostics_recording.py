@@ -19,7 +19,7 @@ from bayesflat.diagnostics import (
     recorded_names,
 )
 from bayesflat.diagnostics.report import diagnose
-from bayesflat.posterior import Posterior
+from bayesflat.target.torch import Posterior
 
 
 def _toy(n: int = 48, d: int = 3, k: int = 3, seed: int = 0):

@@ -116,7 +116,7 @@ def test_build_model_errors():
         build_model("mlp", depth=3)
     with pytest.raises(ValueError, match="unknown activation 'swish'; available: relu"):
         build_model("mlp", activation="swish")
-    with pytest.raises(ValueError, match="hidden width must be a positive integer"):
+    with pytest.raises(ValueError, match="hidden width must be an integer >= 1"):
         MLP(hidden=(128, 0))
     with pytest.raises(ValueError, match="num_classes"):
         SmallCNN(num_classes=0)

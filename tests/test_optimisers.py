@@ -19,11 +19,11 @@ from torch.optim.swa_utils import update_bn
 
 from bayesflat import cli, samplers, sampling
 from bayesflat import trace as btrace
-from bayesflat.posterior import Posterior
 from bayesflat.samplers.escape import Escape, EscapeSAM
 from bayesflat.samplers.rwp import NSO, RWP
 from bayesflat.samplers.sam import SAM
 from bayesflat.samplers.swa import SWA, SWAG, fit_swag, swa_from_trace
+from bayesflat.target.torch import Posterior
 
 NEW_NAMES = ["sam", "rwp", "nso", "escape", "escape_sam", "swa", "swag"]
 

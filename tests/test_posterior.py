@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from bayesflat.posterior import (
+from bayesflat._checks import validate_num_data, validate_temperature
+from bayesflat.target.torch import (
     FlatPrior,
     GaussianLikelihood,
     GaussianPrior,
     Posterior,
-    validate_num_data,
-    validate_temperature,
 )
 
 

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from bayesflat import samplers
-from bayesflat.posterior import Posterior
 from bayesflat.samplers import (
     FSGLD,
     SGD,
@@ -25,6 +24,7 @@ from bayesflat.samplers import (
     coupled_sigma,
     exclude_from_perturbation,
 )
+from bayesflat.target.torch import Posterior
 
 NUM_DATA = 64
 BATCH = 16

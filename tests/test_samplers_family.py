@@ -35,8 +35,8 @@ from torch import nn
 
 from bayesflat import cli, samplers, sampling
 from bayesflat import trace as btrace
-from bayesflat.posterior import Posterior
 from bayesflat.samplers import coupled_sigma
+from bayesflat.target.torch import Posterior
 
 NEW_NAMES = ("psgld", "fpsgld", "sghmc", "fsghmc", "csgld", "csghmc", "cfsgld", "emcmc")
 

@@ -43,8 +43,8 @@ from harness import (
 from scipy import stats
 from torch import Tensor
 
-from bayesflat.posterior import GaussianLikelihood, GaussianPrior, Posterior
 from bayesflat.samplers import FSGLD, SGLD, Sampler, coupled_sigma
+from bayesflat.target.torch import GaussianLikelihood, GaussianPrior, Posterior
 
 # -- Gaussian target: Bayesian linear regression ---------------------------------------------------
 

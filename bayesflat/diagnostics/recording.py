@@ -58,8 +58,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bayesflat._checks import check_int
 from bayesflat.diagnostics.flatness import HessianOperator, hutchinson, perturbation_loss_gap
-from bayesflat.posterior import Likelihood, Posterior, Prior
+from bayesflat.target.torch import Likelihood, Posterior, Prior
 
 __all__ = ["DIAGNOSTIC_NAMES", "Budget", "diagnostic_stats", "recorded_names"]
 
@@ -77,12 +78,6 @@ _RECORDED: dict[str, tuple[str, ...]] = {
     "rwp_gap": ("rwp_gap", "rwp_gap_stderr", "rwp_sigma"),
     "configurational_temperature": ("theta_dot_grad", "theta_dot_grad_dim"),
 }
-
-
-def _positive_int(value: object, argname: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"Budget.{argname} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -126,10 +121,10 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("subsample", "gradient_subsample", "batch_size"):
             if getattr(self, name) is not None:
-                _positive_int(getattr(self, name), name)
-        _positive_int(self.hutchinson_probes, "hutchinson_probes", 2)
-        _positive_int(self.lanczos_steps, "lanczos_steps")
-        _positive_int(self.rwp_samples, "rwp_samples", 2)
+                check_int(getattr(self, name), f"Budget.{name}", 1)
+        check_int(self.hutchinson_probes, "Budget.hutchinson_probes", 2)
+        check_int(self.lanczos_steps, "Budget.lanczos_steps", 1)
+        check_int(self.rwp_samples, "Budget.rwp_samples", 2)
         if self.rwp_sigma is not None and not (
             isinstance(self.rwp_sigma, int | float)
             and math.isfinite(self.rwp_sigma)
@@ -395,7 +390,7 @@ def diagnostic_stats(
     budget : Budget, optional
         Work per draw; default ``Budget()``.
     likelihood, prior
-        As for :class:`bayesflat.posterior.Posterior`.
+        As for :class:`bayesflat.target.torch.Posterior`.
     seed : int
         Seed of the curvature subset and of every probe, Lanczos start and perturbation
         (fresh at each draw, reproducible for the same seed and run).

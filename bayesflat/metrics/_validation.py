@@ -110,17 +110,3 @@ def check_scores(scores, name: str) -> np.ndarray:
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{name} must be finite; it contains NaN or inf")
     return s
-
-
-def check_positive_int(value, name: str, minimum: int = 1) -> int:
-    """Validate an integer ``>= minimum`` (bools are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
-    """Validate that ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value

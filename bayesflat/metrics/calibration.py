@@ -24,13 +24,9 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
 
-from ._validation import (
-    check_choice,
-    check_labels,
-    check_logits,
-    check_positive_int,
-    check_probs,
-)
+from bayesflat._checks import check_choice, check_int
+
+from ._validation import check_labels, check_logits, check_probs
 
 __all__ = [
     "PROB_FLOOR",
@@ -242,7 +238,7 @@ def reliability_curve(
     ReliabilityCurve
         Empty bins have ``count = 0`` and NaN confidence and accuracy.
     """
-    n_bins = check_positive_int(n_bins, "n_bins")
+    n_bins = check_int(n_bins, "n_bins", 1)
     binning = check_choice(binning, "binning", _BINNINGS)
     conf, hit = _top_label(probs, labels)
     return _bin(conf, hit, n_bins, binning)
@@ -330,7 +326,7 @@ def classwise_ece(probs, labels, *, n_bins: int = 15, binning: str = "uniform") 
     float
         Probability units, in [0, 1].
     """
-    n_bins = check_positive_int(n_bins, "n_bins")
+    n_bins = check_int(n_bins, "n_bins", 1)
     binning = check_choice(binning, "binning", _BINNINGS)
     p = check_probs(probs)
     y = check_labels(labels, *p.shape)

@@ -27,7 +27,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._validation import check_choice, check_positive_int, check_probs
+from bayesflat._checks import check_choice, check_int
+
+from ._validation import check_probs
 
 __all__ = ["bootstrap_metric", "per_chain_spread"]
 
@@ -75,7 +77,7 @@ def bootstrap_metric(
         Bootstrap standard error, in the metric's units.
     """
     p = check_probs(member_probs, "member_probs", ndim=4)
-    n_boot = check_positive_int(n_boot, "n_boot", minimum=2)
+    n_boot = check_int(n_boot, "n_boot", minimum=2)
     block = check_choice(block, "block", ("chain", "draw"))
     n_chains, n_draws, n, k = p.shape
     if block == "chain" and n_chains < 2:

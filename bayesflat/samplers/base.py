@@ -18,14 +18,13 @@ estimator zeroes them once per step and lets repeated evaluations accumulate.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bayesflat.posterior import validate_num_data, validate_temperature
+from bayesflat._checks import check_positive, validate_num_data, validate_temperature
 
 __all__ = [
     "Closure",
@@ -34,21 +33,9 @@ __all__ = [
     "GradientEstimator",
     "PlainGradient",
     "Sampler",
-    "check_positive",
 ]
 
 Closure = Callable[[], Tensor]
-
-
-def check_positive(value: object, argname: str, *, allow_zero: bool = False) -> float:
-    """Return ``value`` as a finite float ``> 0`` (``>= 0`` with ``allow_zero``) or raise."""
-    bound = ">= 0" if allow_zero else "> 0"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{argname} must be a finite number {bound}, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{argname} must be a finite number {bound}, got {value!r}")
-    return v
 
 
 class FlatBuffer:

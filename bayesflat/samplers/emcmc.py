@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayesflat.samplers.base import Dynamics, PlainGradient, Sampler, check_positive
+from bayesflat._checks import check_positive
+from bayesflat.samplers.base import Dynamics, PlainGradient, Sampler
 from bayesflat.samplers.langevin import langevin_noise_scale
 from bayesflat.samplers.psgld import state_tensors
 

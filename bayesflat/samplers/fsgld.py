@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bayesflat.posterior import validate_num_data, validate_temperature
-from bayesflat.samplers.base import Sampler, check_positive
+from bayesflat._checks import check_positive, validate_num_data, validate_temperature
+from bayesflat.samplers.base import Sampler
 from bayesflat.samplers.langevin import LangevinDynamics
 from bayesflat.samplers.perturbation import PerturbedGradient
 

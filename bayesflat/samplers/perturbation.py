@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayesflat._checks import check_positive
 from bayesflat.samplers.base import (
     Closure,
     FlatBuffer,
     GradientEstimator,
     Sampler,
-    check_positive,
 )
 
 __all__ = ["PERTURBATIONS", "PerturbedGradient", "exclude_from_perturbation"]

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bayesflat.samplers.base import Dynamics, PlainGradient, Sampler, check_positive
+from bayesflat._checks import check_positive
+from bayesflat.samplers.base import Dynamics, PlainGradient, Sampler
 from bayesflat.samplers.fsgld import CoupledPerturbation
 from bayesflat.samplers.langevin import langevin_noise_scale
 

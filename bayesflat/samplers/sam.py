@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayesflat.samplers.base import Closure, GradientEstimator, Sampler, check_positive
+from bayesflat._checks import check_positive
+from bayesflat.samplers.base import Closure, GradientEstimator, Sampler
 from bayesflat.samplers.langevin import LangevinDynamics
 
 __all__ = [

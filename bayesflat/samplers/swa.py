@@ -37,17 +37,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
-from bayesflat.samplers.base import FlatBuffer, PlainGradient, Sampler, check_positive
+from bayesflat._checks import check_int, check_positive
+from bayesflat.samplers.base import FlatBuffer, PlainGradient, Sampler
 from bayesflat.samplers.langevin import LangevinDynamics
 from bayesflat.samplers.sam import batchnorm_layers
 
 __all__ = ["SWA", "SWAG", "SWAGFit", "SWAGMoments", "fit_swag", "swa_from_trace"]
-
-
-def _check_int(value: object, argname: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{argname} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class SWAGMoments:
@@ -75,7 +70,7 @@ class SWAGMoments:
     def __init__(
         self, like: Sequence[Tensor], max_rank: int, dtype: torch.dtype | None = None
     ) -> None:
-        self.max_rank = _check_int(max_rank, "max_rank", 1)
+        self.max_rank = check_int(max_rank, "max_rank", 1)
         self.mean = [torch.zeros(c.numel(), dtype=dtype or c.dtype, device=c.device) for c in like]
         self.sq_mean = [torch.zeros_like(m) for m in self.mean]
         self.deviations = [
@@ -199,8 +194,8 @@ class _IterateCollector(Sampler):
             temperature=temperature,
             generator=generator,
         )
-        self.start = None if start is None else _check_int(start, "start", 0)
-        self.every = None if every is None else _check_int(every, "every", 1)
+        self.start = None if start is None else check_int(start, "start", 0)
+        self.every = None if every is None else check_int(every, "every", 1)
         self._model: nn.Module | None = None
         self._batches: Iterable[Any] | None = None
 
@@ -457,7 +452,7 @@ class SWAG(_IterateCollector):
         ``swag_rank``. With ``model`` and ``batches`` the BatchNorm statistics are recomputed
         for every draw, as for :meth:`SWA.averaged`.
         """
-        count = _check_int(count, "count", 0)
+        count = check_int(count, "count", 0)
         params = self._all_params()
         out = self.buffer("swag_draw")
         with _held(params, self.buffer("backup").of(params), model):
@@ -549,7 +544,7 @@ def swa_from_trace(
         if recorded, are averaged like the weights: recompute them for the average with
         :func:`torch.optim.swa_utils.update_bn` after loading it.
     """
-    start, every = _check_int(start, "start", 0), _check_int(every, "every", 1)
+    start, every = check_int(start, "start", 0), check_int(every, "every", 1)
     names, shapes, flat = _iterates(trace, var_names)
     picked = flat[:, start::every]
     if picked.shape[1] == 0:
@@ -624,7 +619,7 @@ class SWAGFit:
         self, num_draws: int, generator: torch.Generator | None = None
     ) -> dict[str, np.ndarray]:
         """``num_draws`` SWAG draws, ``state_dict`` key -> ``(num_draws, *shape)``."""
-        num_draws = _check_int(num_draws, "num_draws", 1)
+        num_draws = check_int(num_draws, "num_draws", 1)
         out = torch.empty(num_draws, self.moments.mean[0].numel(), dtype=torch.float64)
         for row in out:
             self.moments.draw_([row], generator, self.scale)
@@ -669,9 +664,9 @@ def fit_swag(
     SWAGFit
         Moments (``mean``, ``variance``, ``deviations``, ``covariance()``) and ``sample``.
     """
-    start, every = _check_int(start, "start", 0), _check_int(every, "every", 1)
+    start, every = check_int(start, "start", 0), check_int(every, "every", 1)
     names, shapes, flat = _iterates(trace, var_names)
-    chain = _check_int(chain, "chain", 0)
+    chain = check_int(chain, "chain", 0)
     if chain >= flat.shape[0]:
         raise ValueError(f"chain={chain} is out of range; the trace has {flat.shape[0]} chains")
     rows = flat[chain, start::every]

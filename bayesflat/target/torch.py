@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayesflat._checks import validate_num_data, validate_temperature
+
 __all__ = [
     "CategoricalLikelihood",
     "FlatPrior",
@@ -31,49 +33,7 @@ __all__ = [
     "Likelihood",
     "Posterior",
     "Prior",
-    "validate_num_data",
-    "validate_temperature",
 ]
-
-
-def validate_num_data(num_data: object) -> int:
-    """Return ``num_data`` as an ``int`` after checking it is a positive integer.
-
-    Raises
-    ------
-    ValueError
-        If ``num_data`` is not a positive integer (bools and non-integral floats are refused).
-    """
-    if isinstance(num_data, bool) or not isinstance(num_data, int | float):
-        raise ValueError(
-            f"num_data must be a positive integer (the training-set size N), got {num_data!r}"
-        )
-    if isinstance(num_data, float) and not num_data.is_integer():
-        raise ValueError(f"num_data must be a positive integer, got the non-integral {num_data!r}")
-    if num_data < 1:
-        raise ValueError(f"num_data must be a positive integer (N >= 1), got {num_data!r}")
-    return int(num_data)
-
-
-def validate_temperature(temperature: object) -> float:
-    """Return ``temperature`` as a ``float`` after checking ``0 <= T < inf``.
-
-    Raises
-    ------
-    ValueError
-        If ``temperature`` is negative, NaN, infinite or not a number.
-    """
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-        raise ValueError(
-            f"temperature must be a finite number >= 0 (1 = Bayes posterior), got {temperature!r}"
-        )
-    t = float(temperature)
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(
-            f"temperature must be a finite number >= 0 (1 = Bayes posterior, 0 = optimiser), "
-            f"got {temperature!r}"
-        )
-    return t
 
 
 class Likelihood:
@@ -337,6 +297,29 @@ class Posterior:
         self.temperature = validate_temperature(self.temperature)
         self.likelihood = _resolve_likelihood(self.likelihood)
         self.prior = _resolve_prior(self.prior)
+
+    @property
+    def module(self) -> nn.Module:
+        """The network (the :class:`~bayesflat.target.base.Target` name for it)."""
+        return self.model
+
+    @property
+    def categorical(self) -> bool:
+        """Whether outputs are class logits (a categorical likelihood)."""
+        return self.likelihood.name == "categorical"
+
+    def predict(self, inputs: Tensor) -> Tensor:
+        """``f_theta(inputs)``: logits for a categorical likelihood, means for a Gaussian one."""
+        return self.model(inputs)
+
+    def pointwise_log_likelihood(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``log p(y_i | x_i, theta)`` per example (nats), from :meth:`predict`'s outputs."""
+        return -self.likelihood.nll(outputs, targets)
+
+    def posterior_variables(self) -> dict[str, Tensor]:
+        """Trainable parameters by ``state_dict`` name; buffers such as BatchNorm statistics
+        are state of the network, not random variables of the posterior."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def named_parameters(self) -> dict[str, Tensor]:
         """Trainable parameters of the model, by name."""
