@@ -8,8 +8,17 @@ out-of-distribution figures.
 __version__ = "0.1.0"
 
 from bayesflat import samplers
-from bayesflat.sampling import SamplingError, sample
+from bayesflat.run import SamplingError, resume, sample
 from bayesflat.target.torch import Posterior
 from bayesflat.trace import load, save
 
-__all__ = ["Posterior", "SamplingError", "__version__", "load", "sample", "samplers", "save"]
+__all__ = [
+    "Posterior",
+    "SamplingError",
+    "__version__",
+    "load",
+    "resume",
+    "sample",
+    "samplers",
+    "save",
+]

@@ -83,6 +83,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--val-size", type=float, default=0.1, help="validation fraction of train")
     p.add_argument("--output", type=Path, default=None, help="output folder (default: named)")
+    p.add_argument(
+        "--resume", type=Path, default=None, metavar="DIR",
+        help="continue the unfinished chains of the run in DIR (other run options must match)",
+    )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true", help="replace a run already in the output folder"
+    )
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="run the chains in this many local processes (one torch thread each)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=int, default=None, metavar="K",
+        help="checkpoint every K kept draws (default: about every 5 s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--parallel", default="chains", choices=("chains", "data"),
+        help="under torchrun: divide the chains among the ranks, or run every chain "
+        "data-parallel across them",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument(
         "--threads", type=int, default=1,
@@ -114,60 +134,119 @@ def _report_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"n_boot": args.replicates, "ensemble": args.ensemble}
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Sample the digits posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
+_RECIPE_KEYS = (
+    "sampler", "model", "chains", "draws", "burn_in", "thin", "batch_size", "seed", "lr",
+    "temperature", "prior_scale", "sigma", "eta", "option", "val_size", "threads",
+)  # fmt: skip
+"""The arguments of ``bayesflat run`` that determine its draws (stored for ``--resume``)."""
+
+
+def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """Model, training data, evaluation sets and :func:`bayesflat.sample` keywords of a run."""
     import torch
 
     from bayesflat import data as bdata
-    from bayesflat import models, sampling
-    from bayesflat.report import build_report
+    from bayesflat import models
 
-    options = _parse_options(args.option)
-    report_options = _report_options(args)
+    options = _parse_options(settings["option"])
     for name in ("sigma", "eta"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    out_dir = args.output or _default_output(args.sampler, args.seed)
-    digits = bdata.load_digits_split(val_size=args.val_size, flatten=True)
+        if settings.get(name) is not None:
+            options[name] = settings[name]
+    if settings["threads"] < 1:
+        raise CLIError(f"--threads must be >= 1, got {settings['threads']}")
+    torch.set_num_threads(settings["threads"])
+    digits = bdata.load_digits_split(val_size=settings["val_size"], flatten=True)
     eval_sets: dict[str, Any] = {"test": (digits.x_test, digits.y_test)}
-    if args.val_size > 0:
+    if settings["val_size"] > 0:
         eval_sets["val"] = (digits.x_val, digits.y_val)
     for name, x in bdata.ood_sets(digits).items():
         eval_sets[f"ood_{name}"] = x
-    if args.threads < 1:
-        raise CLIError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = models.build_model(args.model, num_classes=digits.num_classes)
-    trace_path = out_dir / "trace.nc"
-    print(f"bayesflat run: {args.sampler} on digits ({digits.num_train} train) -> {out_dir}")
+    model = models.build_model(settings["model"], num_classes=digits.num_classes)
+    kwargs = {
+        "sampler": settings["sampler"],
+        "chains": settings["chains"],
+        "burn_in": settings["burn_in"],
+        "draws": settings["draws"],
+        "thin": settings["thin"],
+        "batch_size": settings["batch_size"],
+        "seed": settings["seed"],
+        "lr": settings["lr"],
+        "temperature": settings["temperature"],
+        "prior": settings["prior_scale"],
+        "store_logits": True,
+        **options,
+    }
+    return model, (digits.x_train, digits.y_train), eval_sets, kwargs
+
+
+def rebuild_run(recipe: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """What :func:`bayesflat.resume` needs to continue a run of ``bayesflat run``."""
+    model, train, eval_sets, _ = _run_inputs(recipe["args"])
+    return model, train, eval_sets, {}
+
+
+def _explicit(argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """The run options given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices["run"]._actions:  # type: ignore[union-attr]
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    return {k: getattr(args, k) for k in given if k in _RECIPE_KEYS}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Sample the digits posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
+    import bayesflat
+    from bayesflat.report import build_report
+    from bayesflat.run.sinks import RunFolder
+
+    report_options = _report_options(args)
+    settings = {k: getattr(args, k) for k in _RECIPE_KEYS}
+    if args.resume is not None:
+        folder = RunFolder(args.resume)
+        if not folder.exists():
+            raise CLIError(f"--resume {args.resume}: no run there (run.json is missing)")
+        recipe = folder.read_meta().get("recipe") or {}
+        stored = recipe.get("args")
+        if stored is None:
+            raise CLIError(
+                f"--resume {args.resume}: the run was started from Python; continue it with "
+                "bayesflat.resume(folder, model, train_data, ...)"
+            )
+        differ = [
+            f"--{k.replace('_', '-')} {getattr(args, k)!r} (run: {stored.get(k)!r})"
+            for k in getattr(args, "explicit", {})
+            if getattr(args, k) != stored.get(k)
+        ]
+        if differ:
+            raise CLIError(
+                f"--resume {args.resume}: options differ from the run: {', '.join(differ)}"
+            )
+        out_dir = folder.path
+        _run_inputs(stored)  # sets the thread count the run used
+        print(f"bayesflat run: resuming {out_dir}")
+        call: Any = lambda: bayesflat.resume(  # noqa: E731
+            out_dir, progress=not args.no_progress, workers=args.workers,
+            checkpoint_every=args.checkpoint_every,
+        )  # fmt: skip
+    else:
+        out_dir = args.output or _default_output(args.sampler, args.seed)
+        model, train, eval_sets, kwargs = _run_inputs(settings)
+        print(f"bayesflat run: {args.sampler} on digits ({len(train[1])} train) -> {out_dir}")
+        call = lambda: bayesflat.sample(  # noqa: E731
+            model, train, eval_sets=eval_sets, progress=not args.no_progress, output=out_dir,
+            overwrite=args.force, workers=args.workers, checkpoint_every=args.checkpoint_every,
+            parallel=args.parallel,
+            recipe={"rebuild": "bayesflat.cli:rebuild_run", "args": settings}, **kwargs,
+        )  # fmt: skip
     try:
-        result = sampling.sample(
-            model,
-            (digits.x_train, digits.y_train),
-            sampler=args.sampler,
-            chains=args.chains,
-            burn_in=args.burn_in,
-            draws=args.draws,
-            thin=args.thin,
-            batch_size=args.batch_size,
-            eval_sets=eval_sets,
-            seed=args.seed,
-            progress=not args.no_progress,
-            lr=args.lr,
-            temperature=args.temperature,
-            prior=args.prior_scale,
-            log_likelihood_set="test",
-            store_logits=True,
-            output=trace_path,
-            **options,
-        )
-    except sampling.SamplingError as err:
+        result = call()
+    except bayesflat.SamplingError as err:
         raise CLIError(str(err)) from None
     report = build_report(result, figures=not args.no_report, **report_options)
     paths = report.save(out_dir, html=not args.no_report)
     print(report.headline())
-    print(f"wrote {', '.join(str(p) for p in (trace_path, *paths.values()))}")
+    print(f"wrote {', '.join(str(p) for p in (Path(out_dir) / 'trace.nc', *paths.values()))}")
     return 0
 
 
@@ -307,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayesflat`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run" and args.resume is not None:
+        args.explicit = _explicit(argv, args)
     try:
         return int(args.func(args))
     except (CLIError, ValueError, TypeError, OSError) as err:

@@ -441,7 +441,7 @@ def state_dict_at(trace: Any, chain: int, draw: int) -> dict[str, Any]:
     Parameters
     ----------
     trace : arviz.InferenceData or xarray.DataTree
-        A trace with a ``posterior`` group.
+        A trace with a ``weights`` group.
     chain, draw : int
         Indices into the ``chain`` and ``draw`` dimensions.
 
@@ -452,9 +452,11 @@ def state_dict_at(trace: Any, chain: int, draw: int) -> dict[str, Any]:
     """
     import torch
 
-    posterior = _trace.get_group(trace, "posterior")
+    posterior = _trace.get_group(trace, "weights")
     if posterior is None:
-        raise ValueError("the trace has no posterior group; it stores no weights")
+        raise ValueError(
+            "the trace has no weights group; it stores no weights (sample with store_weights=True)"
+        )
     chains, draws = posterior.sizes["chain"], posterior.sizes["draw"]
     if not (0 <= chain < chains and 0 <= draw < draws):
         raise ValueError(
@@ -525,9 +527,11 @@ def predict(
         raise ValueError(f"x must hold at least one input along its first axis, got {x.shape}")
     if x.is_floating_point() and x.dtype == torch.float64:
         x = x.float()
-    posterior = _trace.get_group(trace, "posterior")
+    posterior = _trace.get_group(trace, "weights")
     if posterior is None:
-        raise ValueError("the trace has no posterior group; it stores no weights")
+        raise ValueError(
+            "the trace has no weights group; it stores no weights (sample with store_weights=True)"
+        )
     net = copy.deepcopy(model)
     if device is None:
         params = list(net.parameters())

@@ -94,13 +94,14 @@ def _schedule(method: str, budget: int, steps: int | None) -> dict[str, int]:
 def _sample(job: dict[str, Any]) -> Any:
     import torch
 
-    from bayesflat import models, sampling
+    import bayesflat
+    from bayesflat import models
 
     digits, sets = _setup()
     torch.manual_seed(job["seed"])
     model = models.build_model("mlp", num_classes=digits.num_classes)
     eval_sets = sets if job["final"] else {"val": sets["val"]}
-    return sampling.sample(
+    return bayesflat.sample(
         model,
         (digits.x_train, digits.y_train),
         sampler=job["method"],
@@ -112,7 +113,6 @@ def _sample(job: dict[str, Any]) -> Any:
         lr=job["lr"],
         prior=1.0,
         store_logits=job["final"],
-        log_likelihood_set="val" if not job["final"] else "test",
         **_schedule(job["method"], job["budget"], job.get("steps")),
     )
 
@@ -121,12 +121,13 @@ def _select(job: dict[str, Any]) -> dict[str, Any]:
     """Validation NLL of one grid point (per SGD checkpoint for SGD)."""
     import numpy as np
 
-    from bayesflat import metrics, predictive, sampling
+    import bayesflat
+    from bayesflat import metrics, predictive
 
     start = time.perf_counter()
     try:
         trace = _sample(job)
-    except (sampling.SamplingError, ValueError) as err:
+    except (bayesflat.SamplingError, ValueError) as err:
         # A chain that diverges before its first draw leaves no partial trace to build: the
         # driver then raises a ValueError while handling the FloatingPointError.
         if isinstance(err, ValueError) and not isinstance(err.__context__, FloatingPointError):

@@ -110,7 +110,6 @@ def run_method(method: str, cfg: dict[str, Any], digits: Any, sigma: float) -> d
         seed=cfg["seed"],
         progress=False,
         eval_sets={"test": (digits.x_test, digits.y_test), "train": (x, y)},
-        log_likelihood_set="test",
         stats_fns=fns,
         **schedule,
         **extra,

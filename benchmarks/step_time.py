@@ -81,8 +81,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bayesflat import samplers
 from bayesflat.models import MLP, ConvNet32
+from bayesflat.run.spec import ChainContext
 from bayesflat.samplers import coupled_sigma, langevin_noise_scale
-from bayesflat.sampling import ChainContext
 from bayesflat.target.torch import Posterior
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

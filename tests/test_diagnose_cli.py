@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from bayesflat import cli, sampling
+import bayesflat
+from bayesflat import cli
 from bayesflat import trace as btrace
 from bayesflat.diagnostics import Budget, diagnostic_stats
 from bayesflat.diagnostics.report import (
@@ -116,7 +117,7 @@ def small_trace(tmp_path_factory):
     fns = diagnostic_stats(data=(x, y), budget=Budget(subsample=32, hutchinson_probes=3,
                                                       lanczos_steps=4, rwp_samples=2))  # fmt: skip
     folder = tmp_path_factory.mktemp("run")
-    sampling.sample(
+    bayesflat.sample(
         model, (x, y), sampler="fsgld", chains=2, burn_in=10, draws=6, thin=2, batch_size=16,
         eval_sets={"test": (x[:16], y[:16])}, progress=False, lr=0.05, stats_fns=fns,
         output=folder / "trace.nc",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bayesflat import sampling
+import bayesflat
 from bayesflat import trace as btrace
 from bayesflat.diagnostics import (
     DIAGNOSTIC_NAMES,
@@ -42,7 +42,7 @@ def _run(stats_fns=None, **kw):
     args = dict(sampler="fsgld", chains=2, burn_in=10, draws=3, thin=2, batch_size=16, seed=1,
                 progress=False, lr=0.05, stats_fns=stats_fns)  # fmt: skip
     args.update(kw)
-    return sampling.sample(_model(), (x, y), **args)
+    return bayesflat.sample(_model(), (x, y), **args)
 
 
 def _load_draw(model: nn.Module, posterior, chain: int, draw: int) -> nn.Module:
@@ -161,7 +161,7 @@ def test_configurational_temperature_on_the_gaussian_posterior():
     model = nn.Linear(d, 1, bias=False)
     fns = diagnostic_stats(("configurational_temperature",), data=(x, y),
                            likelihood="gaussian", prior=1.0)  # fmt: skip
-    trace = sampling.sample(
+    trace = bayesflat.sample(
         model, (x, y), sampler="sgld", chains=4, burn_in=200, draws=250, thin=10,
         batch_size=n, lr=lr, temperature=temperature, likelihood="gaussian", prior=1.0,
         progress=False, seed=0, stats_fns=fns,

@@ -17,7 +17,8 @@ from harness import cov_zscores, rows_closure, z_bound
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from bayesflat import cli, samplers, sampling
+import bayesflat
+from bayesflat import cli, samplers
 from bayesflat import trace as btrace
 from bayesflat.samplers.escape import Escape, EscapeSAM
 from bayesflat.samplers.rwp import NSO, RWP
@@ -450,7 +451,7 @@ def _sample(sampler: str, model: nn.Module | None = None, **kw):
         eval_sets={"test": (xt, yt)},
     )
     args.update(kw)
-    return sampling.sample(model or _mlp(), (x, y), sampler=sampler, **args)
+    return bayesflat.sample(model or _mlp(), (x, y), sampler=sampler, **args)
 
 
 def test_driver_records_the_swa_average_of_the_sgd_chain():

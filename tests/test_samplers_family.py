@@ -33,7 +33,8 @@ from harness import (
 from scipy import linalg
 from torch import nn
 
-from bayesflat import cli, samplers, sampling
+import bayesflat
+from bayesflat import cli, samplers
 from bayesflat import trace as btrace
 from bayesflat.samplers import coupled_sigma
 from bayesflat.target.torch import Posterior
@@ -476,7 +477,7 @@ def test_planned_steps_with_explicit_total_repeat_the_cycles():
 
 def test_sample_keeps_draws_only_in_sampling_phases():
     x, y = _data()
-    tr = sampling.sample(_net(), (x, y), sampler="csgld", chains=2, burn_in=0, draws=8,
+    tr = bayesflat.sample(_net(), (x, y), sampler="csgld", chains=2, burn_in=0, draws=8,
                          thin=3, batch_size=16, progress=False, lr=LR)  # fmt: skip
     stats = btrace.groups(tr)["sample_stats"]
     steps = stats["step"].values.astype(int)

@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bayesflat
-from bayesflat import sampling
 from bayesflat import trace as btrace
 
 matplotlib.use("Agg")
@@ -43,17 +42,24 @@ def _run(**kw):
     )  # fmt: skip
     args.update(kw)
     model = args.pop("model", _model())
-    return sampling.sample(model, args.pop("train_data", (x, y)), **args)
+    return bayesflat.sample(model, args.pop("train_data", (x, y)), **args)
 
 
 def test_trace_groups_shapes_and_attrs():
     tr = _run()
     groups = btrace.groups(tr)
-    assert set(groups) >= {"posterior", "sample_stats", "predictions", "log_likelihood"}
+    assert set(groups) >= {"posterior", "weights", "sample_stats", "predictions", "log_likelihood"}
+    assert groups["weights"]["0.weight"].shape == (2, 6, 8, 5)
     post = groups["posterior"]
-    assert post["0.weight"].shape == (2, 6, 8, 5)
+    assert list(post["tensor"].values) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    norms = [
+        np.sqrt((groups["weights"][k].values.astype(np.float64) ** 2).reshape(2, 6, -1).sum(-1))
+        for k in post["tensor"].values
+    ]
+    np.testing.assert_allclose(post["weight_norm"].values, np.stack(norms, -1), rtol=1e-5)
+    assert post["projection"].shape == (2, 6, 8)
     stats = groups["sample_stats"]
-    for name in ("lp", "step_size", "temperature", "sigma", "grad_norm", "step"):
+    for name in ("lp", "potential", "step_size", "temperature", "sigma", "grad_norm", "step"):
         assert stats[name].shape == (2, 6), name
     # Kept draws are every third step after 20 steps of burn-in.
     np.testing.assert_array_equal(stats["step"].values[0], [22, 25, 28, 31, 34, 37])
@@ -62,10 +68,13 @@ def test_trace_groups_shapes_and_attrs():
     assert preds["test"].shape == (2, 6, 40, 3)
     assert preds["ood"].shape == (2, 6, 10, 3)
     np.testing.assert_allclose(preds["test"].values.sum(-1), 1.0, atol=1e-5)
-    ll = groups["log_likelihood"]["test"].values
+    ll = groups["heldout_log_likelihood"]["test"].values
     labels = groups["observed_data"]["test"].values
     p_true = np.take_along_axis(preds["test"].values, labels[None, None, :, None], axis=-1)[..., 0]
     np.testing.assert_allclose(ll, np.log(p_true), rtol=1e-5, atol=1e-6)
+    # log_likelihood holds the training points (what az.loo leaves out, one at a time).
+    assert groups["log_likelihood"]["train"].shape == (2, 6, 96)
+    np.testing.assert_array_equal(groups["observed_data"]["train"].values, _toy()[1].numpy())
     attrs = btrace.trace_attrs(tr)
     assert attrs["sampler"] == "fsgld"
     assert attrs["num_data"] == 96 and attrs["temperature"] == 1.0 and attrs["seed"] == 3
@@ -75,21 +84,25 @@ def test_trace_groups_shapes_and_attrs():
 
 def test_potential_recorded_matches_minibatch_scale():
     tr = _run(draws=3)
-    lp = btrace.groups(tr)["sample_stats"]["lp"].values
+    stats = btrace.groups(tr)["sample_stats"]
+    potential = stats["potential"].values
     # Mean-loss units: a 3-class cross-entropy near log(3) plus a small prior term.
-    assert np.all(np.isfinite(lp)) and np.all(lp > 0) and np.all(lp < 3 * math.log(3))
+    assert np.all(np.isfinite(potential)) and np.all(potential > 0)
+    assert np.all(potential < 3 * math.log(3))
+    # lp is ArviZ's log density: the log joint estimated on the minibatch, -N L_B.
+    np.testing.assert_allclose(stats["lp"].values, -96 * potential, rtol=1e-12)
 
 
 def test_same_seed_same_trace_and_chains_differ():
     a = btrace.groups(_run())
     b = btrace.groups(_run())
-    for group in ("posterior", "predictions"):
+    for group in ("posterior", "weights", "predictions"):
         for name in a[group].data_vars:
             np.testing.assert_array_equal(a[group][name].values, b[group][name].values)
-    w = a["posterior"]["0.weight"].values
+    w = a["weights"]["0.weight"].values
     assert not np.array_equal(w[0], w[1])
     c = btrace.groups(_run(seed=4))
-    assert not np.array_equal(c["posterior"]["0.weight"].values, w)
+    assert not np.array_equal(c["weights"]["0.weight"].values, w)
 
 
 def test_independent_initialisations_and_model_untouched():
@@ -98,11 +111,11 @@ def test_independent_initialisations_and_model_untouched():
     tr = _run(model=model, sampler="sgd", burn_in=0, draws=1, thin=1, lr=1e-6)
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
-    w = btrace.groups(tr)["posterior"]["0.weight"].values
+    w = btrace.groups(tr)["weights"]["0.weight"].values
     # One tiny SGD step: each chain sits at its own initialisation.
     assert np.abs(w[0, 0] - w[1, 0]).mean() > 0.05
     tr_model = _run(model=model, sampler="sgd", burn_in=0, draws=1, thin=1, lr=1e-6, init="model")
-    w_model = btrace.groups(tr_model)["posterior"]["0.weight"].values
+    w_model = btrace.groups(tr_model)["weights"]["0.weight"].values
     np.testing.assert_allclose(w_model[:, 0], before[0].numpy()[None].repeat(2, 0), atol=1e-5)
 
 
@@ -129,8 +142,8 @@ def test_train_data_forms(form):
 
 
 def test_non_finite_potential_stops_with_draws_kept(tmp_path):
-    out = tmp_path / "trace.nc"
-    with pytest.raises(sampling.SamplingError, match=r"chain 0, step \d+") as info:
+    out = tmp_path / "run"
+    with pytest.raises(bayesflat.SamplingError, match=r"chain 0, step \d+") as info:
         _run(sampler="sgd", lr=1e6, burn_in=0, thin=1, draws=50, output=out)
     err = info.value
     assert err.chain == 0
@@ -156,9 +169,9 @@ def test_failure_in_later_chain_keeps_earlier_chains(tmp_path):
                     return self.lin(x) * float("nan")
             return self.lin(x)
 
-    with pytest.raises(sampling.SamplingError, match="chain 1") as info:
+    with pytest.raises(bayesflat.SamplingError, match="chain 1") as info:
         _run(model=Exploding(), sampler="sgld", burn_in=5, draws=10, thin=3,
-             output=tmp_path / "t.nc")  # fmt: skip
+             output=tmp_path / "run")  # fmt: skip
     groups = btrace.groups(info.value.trace)
     lp = groups["sample_stats"]["lp"].values
     assert lp.shape == (2, 10)
@@ -168,8 +181,9 @@ def test_failure_in_later_chain_keeps_earlier_chains(tmp_path):
 
 
 def test_output_saved_and_loads_equal(tmp_path):
-    tr = _run(output=tmp_path / "trace.nc")
-    loaded = btrace.load(tmp_path / "trace.nc")
+    tr = _run(output=tmp_path / "run")
+    assert (tmp_path / "run" / "trace.nc").is_file()
+    loaded = btrace.load(tmp_path / "run")
     for name, ds in btrace.groups(tr).items():
         assert ds.equals(btrace.groups(loaded)[name]), name
 
@@ -177,9 +191,11 @@ def test_output_saved_and_loads_equal(tmp_path):
 def test_arviz_functions_run_on_a_sampled_trace():
     tr = _run(draws=20, chains=2)
     summary = az.summary(tr)
-    assert len(summary) == 8 * 5 + 8 + 3 * 8 + 3  # every weight of the network
-    assert np.all(np.isfinite(az.ess(tr)["2.bias"].values))
-    assert np.all(np.isfinite(az.rhat(tr)["2.bias"].values))
+    # Per-tensor weight norms and eight random projections: a summary of a few rows, whatever
+    # the size of the network (the weights themselves are in the weights group).
+    assert len(summary) == 4 + 8
+    assert np.all(np.isfinite(az.ess(tr)["weight_norm"].values))
+    assert np.all(np.isfinite(az.rhat(tr)["weight_norm"].values))
     az.plot_trace(tr)
     matplotlib.pyplot.close("all")
     with pytest.warns(UserWarning):  # 40 draws are few for PSIS; the estimate is still finite
@@ -190,7 +206,7 @@ def test_arviz_functions_run_on_a_sampled_trace():
 def test_store_weights_subset_and_logits():
     tr = _run(store_weights=["2.bias"], store_logits=True)
     groups = btrace.groups(tr)
-    assert list(groups["posterior"].data_vars) == ["2.bias"]
+    assert list(groups["weights"].data_vars) == ["2.bias"]
     logits = groups["predictions"]["test_logits"].values
     probs = groups["predictions"]["test"].values
     np.testing.assert_allclose(
@@ -211,7 +227,9 @@ def test_store_weights_subset_and_logits():
         ({"init": "zeros"}, "init"),
         ({"eval_sets": {"bad name": torch.zeros(2, 5)}}, "eval_sets"),
         ({"eval_sets": {"t": (torch.zeros(2, 5), torch.zeros(3))}}, "labels"),
-        ({"log_likelihood_set": "ood"}, "log_likelihood_set"),
+        ({"loo_points": 0}, "loo_points"),
+        ({"eval_sets": {"train": torch.zeros(2, 5)}}, "reserved"),
+        ({"eval_sets": {"t": (torch.zeros(2, 5), torch.tensor([0.5, 1.0]))}}, "integer"),
         ({"temperature": -1.0}, "temperature"),
         ({"num_data": 0}, "num_data"),
         ({"store_weights": ["nope"]}, "store_weights"),
@@ -222,13 +240,18 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         _run(**kwargs)
 
 
+def test_removed_log_likelihood_set_is_explained():
+    with pytest.raises(TypeError, match="log_likelihood_set.*training points"):
+        _run(log_likelihood_set="ood")
+
+
 def test_bad_train_data_type():
     with pytest.raises(TypeError, match="train_data"):
         _run(train_data="digits")
 
 
 def test_public_names():
-    assert bayesflat.sample is sampling.sample
+    assert bayesflat.sample is bayesflat.run.sample
     assert bayesflat.save is btrace.save and bayesflat.load is btrace.load
 
 
@@ -244,7 +267,7 @@ def test_stats_fns_are_recorded_per_draw():
         }
     )
     stats = btrace.groups(tr)["sample_stats"]
-    post = btrace.groups(tr)["posterior"]
+    post = btrace.groups(tr)["weights"]
     direct = np.sqrt(sum((post[k].values.astype(np.float64) ** 2).reshape(2, 6, -1).sum(-1)
                          for k in post.data_vars))  # fmt: skip
     np.testing.assert_allclose(stats["weight_norm"].values, direct, rtol=1e-5)
@@ -254,7 +277,7 @@ def test_stats_fns_are_recorded_per_draw():
 
 
 def test_failure_before_the_first_draw_raises_without_a_trace(tmp_path):
-    with pytest.raises(sampling.SamplingError, match="0 draws kept") as info:
-        _run(sampler="sgd", lr=1e6, burn_in=200, output=tmp_path / "t.nc")
+    with pytest.raises(bayesflat.SamplingError, match="0 draws kept") as info:
+        _run(sampler="sgd", lr=1e6, burn_in=200, output=tmp_path / "run")
     assert info.value.trace is None and info.value.chain == 0
-    assert not (tmp_path / "t.nc").exists()
+    assert not (tmp_path / "run" / "trace.nc").exists()

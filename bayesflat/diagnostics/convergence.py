@@ -207,8 +207,7 @@ def functionals(
     """Scalar functionals of a trace on which convergence is diagnosed.
 
     ``lp``
-        The recorded potential, ``sample_stats["lp"]`` (minibatch mean loss, nats
-        per example).
+        The recorded log joint density estimate, ``sample_stats["lp"] = -N L_B`` (nats).
     ``nll_<set>``
         Test NLL of each draw on every evaluation set that has observed labels,
         :func:`nll_per_draw` (nats per example).
@@ -216,7 +215,7 @@ def functionals(
         Probability of the true class of ``n_inputs`` fixed inputs ``i`` of each such
         set, chosen without replacement by ``default_rng(seed)`` and sorted.
     ``proj_<j>``
-        :func:`weight_projections` of the ``posterior`` group (weight units).
+        :func:`weight_projections` of the ``weights`` group (weight units).
 
     Parameters
     ----------
@@ -229,7 +228,7 @@ def functionals(
     seed : int
         Seed of the input subset and of the projection directions.
     var_names : sequence of str, optional
-        Posterior variables to project (default: all).
+        Stored weights to project (default: all).
 
     Returns
     -------
@@ -260,7 +259,7 @@ def functionals(
             for k, i in enumerate(picked):
                 out[f"p_true_{name}_{i}"] = p_true[..., k]
 
-    posterior = grp.get("posterior")
+    posterior = grp.get("weights")
     if posterior is not None and n_projections > 0 and posterior.data_vars:
         names = list(posterior.data_vars) if var_names is None else list(var_names)
         draws = {n: posterior[n].transpose("chain", "draw", ...).values for n in names}

@@ -499,16 +499,16 @@ class SWAG(_IterateCollector):
 def _iterates(
     trace: Any, var_names: Sequence[str] | None
 ) -> tuple[list[str], list[tuple[int, ...]], np.ndarray]:
-    """Posterior variables as ``(chain, draw, P)`` float64, with their names and shapes."""
+    """Stored weights as ``(chain, draw, P)`` float64, with their names and shapes."""
     from bayesflat import trace as _trace
 
-    posterior = _trace.get_group(trace, "posterior")
+    posterior = _trace.get_group(trace, "weights")
     if posterior is None or not posterior.data_vars:
-        raise ValueError("the trace has no posterior weights; sample with store_weights=True")
+        raise ValueError("the trace stores no weights; sample with store_weights=True")
     names = list(posterior.data_vars) if var_names is None else list(var_names)
     missing = [n for n in names if n not in posterior.data_vars]
     if missing:
-        raise ValueError(f"var_names {missing} are not in the posterior; it holds {names}")
+        raise ValueError(f"var_names {missing} are not stored weights; the trace holds {names}")
     arrays = [np.asarray(posterior[n].values, dtype=np.float64) for n in names]
     chains, draws = arrays[0].shape[:2]
     shapes = [a.shape[2:] for a in arrays]

@@ -317,9 +317,12 @@ class Posterior:
         return -self.likelihood.nll(outputs, targets)
 
     def posterior_variables(self) -> dict[str, Tensor]:
-        """Trainable parameters by ``state_dict`` name; buffers such as BatchNorm statistics
-        are state of the network, not random variables of the posterior."""
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        """Nothing: a network's weights are too many to summarise one by one.
+
+        The run engine records them in the trace's ``weights`` group and functionals of them
+        (per-tensor norms, random projections) in ``posterior``.
+        """
+        return {}
 
     def named_parameters(self) -> dict[str, Tensor]:
         """Trainable parameters of the model, by name."""

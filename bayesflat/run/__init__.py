@@ -1,0 +1,27 @@
+"""The run engine: chains as pure functions of (spec, chain, state), streamed to disk.
+
+- :mod:`~bayesflat.run.spec`: the frozen description of a run and the chains' seeds;
+- :mod:`~bayesflat.run.stream`: training data and the resumable minibatch stream;
+- :mod:`~bayesflat.run.chain`: :func:`run_chain`, the loop of one chain;
+- :mod:`~bayesflat.run.checkpoint`: chain states and their atomic checkpoint files;
+- :mod:`~bayesflat.run.sinks`: where draws go (memory, a run folder) and the run folder;
+- :mod:`~bayesflat.run.executors`, :mod:`~bayesflat.run.distributed`,
+  :mod:`~bayesflat.run.vectorised`: where chains run;
+- :mod:`~bayesflat.run.api`: :func:`sample` and :func:`resume`.
+"""
+
+from bayesflat.run.api import SamplingError, resume, sample
+from bayesflat.run.chain import run_chain
+from bayesflat.run.checkpoint import ChainState
+from bayesflat.run.spec import ChainContext, RunSpec, chain_seeds
+
+__all__ = [
+    "ChainContext",
+    "ChainState",
+    "RunSpec",
+    "SamplingError",
+    "chain_seeds",
+    "resume",
+    "run_chain",
+    "sample",
+]

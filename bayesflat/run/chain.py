@@ -1,0 +1,482 @@
+"""One chain: the loop, and what a kept draw records.
+
+:func:`run_chain` is a pure function of ``(spec, chain, state)``: its randomness comes only
+from :func:`~bayesflat.run.spec.chain_seeds` of the run's seed and the chain's global index,
+so the chain is the same in any process, and a chain continued from a
+:class:`~bayesflat.run.checkpoint.ChainState` is identical, array for array, to one that never
+stopped.
+
+Sampler hooks
+-------------
+A sampler may take part in what is recorded (trajectory methods do):
+
+``begin_chain(context)``
+    Called once per chain before its first step (also when a chain resumes, before its state
+    is restored) with a :class:`~bayesflat.run.spec.ChainContext`.
+``recorded_state()``
+    A context manager entered around every kept draw: inside it the module holds the state to
+    record (e.g. the SWA average); on exit the iterate is restored.
+``chain_draws(count)``
+    An iterator; when defined, the kept points of the step loop record nothing and, after the
+    chain's last step, each of the ``count`` states it yields (the module holds the draw; it
+    yields a dict of extra statistics) is recorded as one draw. For such draws ``potential`` is
+    evaluated on the next training minibatch in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bayesflat.run.checkpoint import ChainState, snapshot
+from bayesflat.run.spec import ChainContext, RunSpec, chain_seeds, make_sampler
+from bayesflat.run.stream import MinibatchStream
+
+__all__ = ["ChainFailure", "ChainStopped", "preflight", "run_chain"]
+
+Record = dict[str, dict[str, np.ndarray]]
+"""One kept draw: group -> variable -> array without the (chain, draw) dimensions."""
+
+ProgressFn = Callable[[int, int, int, int, float], None]
+"""``progress(chain, step, planned, kept, potential)``."""
+
+
+class ChainFailure(FloatingPointError):
+    """A chain stopped on a non-finite value or a sampler that could not keep its draws.
+
+    The draws kept before the failure have been written to the sink.
+    """
+
+    def __init__(self, message: str, *, chain: int, step: int) -> None:
+        super().__init__(message)
+        self.chain = chain
+        self.step = step
+
+
+class ChainStopped(Exception):
+    """A chain stopped because ``should_stop()`` said so (an interrupt or another failure)."""
+
+    def __init__(self, chain: int, step: int) -> None:
+        super().__init__(f"chain {chain} stopped at step {step}")
+        self.chain = chain
+        self.step = step
+
+
+@dataclass
+class _Recorder:
+    """Turns the chain's current state into a :data:`Record`."""
+
+    spec: RunSpec
+    target: Any
+    sampler: Any
+    device: torch.device
+    loo_x: Any
+    loo_y: Any
+    directions: list[list[Tensor]] | None
+
+    def record(self, step: int, extra: dict[str, Any], chain: int, draw: int) -> Record:
+        spec, target, module = self.spec, self.target, self.target.module
+        stats = self.sampler.stats()
+        potential = stats.pop("lp")
+        if not math.isfinite(stats["grad_norm"]):
+            raise ChainFailure(
+                f"non-finite gradient norm at chain {chain}, step {step}", chain=chain, step=step
+            )
+        stats = {"potential": potential, **stats, **extra}
+        stats["lp"] = -spec.num_data * stats["potential"]
+        stats["step"] = step
+        for name, fn in spec.stats_fns.items():
+            stats[name] = fn(module, self.sampler)
+        out: Record = {"sample_stats": {k: np.asarray(v, np.float64) for k, v in stats.items()}}
+        posterior = {k: _host(v) for k, v in target.posterior_variables().items()}
+        if spec.target.kind == "module":
+            posterior.update(self._functionals(module))
+            out["weights"] = self._weights(module)
+        out["posterior"] = posterior
+        with _eval_mode(module), torch.no_grad():
+            out.update(self._predictions(chain, draw))
+        return {group: data for group, data in out.items() if data}
+
+    def _weights(self, module: nn.Module) -> dict[str, np.ndarray]:
+        store = self.spec.store_weights
+        if store is False:
+            return {}
+        state = module.state_dict()
+        names = [k for k, v in state.items() if v.is_floating_point()] if store is True else store
+        return {k: state[k].detach().to("cpu", torch.float32, copy=True).numpy() for k in names}
+
+    def _functionals(self, module: nn.Module) -> dict[str, np.ndarray]:
+        params = [p.detach() for p in module.parameters() if p.requires_grad]
+        if not params:
+            return {}
+        norms = torch.stack(torch._foreach_norm(params)).float().cpu().numpy()
+        out = {"weight_norm": norms}
+        if self.directions is not None:
+            out["projection"] = np.asarray(
+                [
+                    float(
+                        sum(
+                            torch.vdot(d.flatten(), p.flatten())
+                            for d, p in zip(ds, params, strict=True)
+                        )
+                    )
+                    for ds in self.directions
+                ]
+            )
+        return out
+
+    def _predictions(self, chain: int, draw: int) -> Record:
+        spec, target = self.spec, self.target
+        out: Record = {"predictions": {}, "heldout_log_likelihood": {}, "log_likelihood": {}}
+        for s in spec.eval_sets:
+            outputs = torch.cat(
+                [target.predict(xb) for xb in s.batches(spec.eval_batch_size, self.device)]
+            )
+            if not bool(torch.isfinite(outputs).all()):
+                raise ChainFailure(
+                    f"non-finite prediction on eval set {s.name!r} at chain {chain}, draw {draw}",
+                    chain=chain,
+                    step=-1,
+                )
+            if target.categorical:
+                log_probs = torch.log_softmax(outputs.float(), dim=-1)
+                out["predictions"][s.name] = log_probs.exp().cpu().numpy()
+                if spec.store_logits:
+                    out["predictions"][f"{s.name}_logits"] = outputs.float().cpu().numpy()
+            else:
+                out["predictions"][s.name] = outputs.float().cpu().numpy()
+            if s.labels is not None:
+                ll = target.pointwise_log_likelihood(outputs, s.labels.to(outputs.device))
+                out["heldout_log_likelihood"][s.name] = ll.double().cpu().numpy()
+        if self.loo_x is not None:
+            lls = []
+            for start in range(0, len(self.loo_y), spec.eval_batch_size):
+                xb = self.loo_x[start : start + spec.eval_batch_size]
+                yb = self.loo_y[start : start + spec.eval_batch_size]
+                lls.append(target.pointwise_log_likelihood(target.predict(xb), yb))
+            out["log_likelihood"]["train"] = torch.cat(lls).double().cpu().numpy()
+        return out
+
+
+def _host(value: Any) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True).numpy()
+    return np.array(value)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def projection_directions(spec: RunSpec, module: nn.Module) -> list[list[Tensor]] | None:
+    """Unit random directions over the trainable parameters, the same for every chain."""
+    if spec.projections == 0 or spec.target.kind != "module":
+        return None
+    params = [p for p in module.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(spec.seed + 0x5EED)
+    out = []
+    for _ in range(spec.projections):
+        parts = [torch.randn(p.shape, generator=gen, dtype=torch.float32) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in parts]))
+        out.append([(t / norm).to(p.device, p.dtype) for t, p in zip(parts, params, strict=True)])
+    return out
+
+
+def _loo_data(spec: RunSpec, target: Any, device: torch.device) -> tuple[Any, Any]:
+    if not target.categorical and spec.loo_points == 0:
+        return None, None
+    idx = spec.loo_indices()
+    x, y = spec.train.take(idx)
+    return x.to(device), y.to(device)
+
+
+def preflight(spec: RunSpec) -> None:
+    """Everything that can fail later, checked before the first step.
+
+    Builds chain 0's target, evaluates one closure on the first minibatch (finite potential),
+    runs the first batch of every evaluation set through the model, and checks the labels
+    against the number of outputs.
+    """
+    device = torch.device(spec.device)
+    seeds = chain_seeds(spec.seed, 0)
+    target = spec.target.build(seeds.init, device)
+    stream = MinibatchStream(spec.train, spec.batch_size, seeds.data, device)
+    xb, yb = next(stream)
+    module = target.module
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seeds.model)
+        try:
+            with torch.enable_grad():
+                loss = float(target.closure(xb, yb)())
+        except (IndexError, RuntimeError) as err:
+            raise ValueError(
+                f"the first training minibatch cannot be evaluated: {' '.join(str(err).split())}"
+            ) from None
+        finally:
+            for p in module.parameters():
+                p.grad = None
+    if not math.isfinite(loss):
+        raise ValueError(f"the potential at the initial weights is {loss} on the first minibatch")
+    n_out = None
+    with _eval_mode(module), torch.no_grad():
+        for s in spec.eval_sets:
+            first = next(iter(s.batches(min(spec.eval_batch_size, 8), device)))
+            try:
+                outputs = target.predict(first)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"eval_sets[{s.name!r}] inputs do not fit the model: "
+                    f"{' '.join(str(err).split())}"
+                ) from None
+            if target.categorical:
+                n_out = int(outputs.shape[-1])
+                if s.labels is not None and int(s.labels.max()) >= n_out:
+                    raise ValueError(
+                        f"eval_sets[{s.name!r}] has label {int(s.labels.max())} but the model "
+                        f"has {n_out} outputs (labels must be in [0, {n_out}))"
+                    )
+    if target.categorical and spec.train.is_tensors:
+        y = spec.train.y
+        assert y is not None
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise ValueError(
+                "train_data targets must be integer class labels for a categorical likelihood"
+            )
+        with _eval_mode(module), torch.no_grad():
+            n_out = int(target.predict(xb[:1]).shape[-1])
+        if int(y.min()) < 0 or int(y.max()) >= n_out:
+            raise ValueError(
+                f"train_data targets must be class labels in [0, {n_out}); they range over "
+                f"[{int(y.min())}, {int(y.max())}]"
+            )
+
+
+def _rng_devices(device: torch.device) -> list[Any]:
+    return [device] if device.type == "cuda" else []
+
+
+def run_chain(
+    spec: RunSpec,
+    chain: int,
+    sink: Any,
+    state: ChainState | None = None,
+    *,
+    checkpoint: Callable[[ChainState], None] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_interval: float = 5.0,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    shard: tuple[int, int] | None = None,
+    wrap_closure: Callable[[Callable[[], Tensor], list[Tensor]], Callable[[], Tensor]]
+    | None = None,
+) -> ChainState:
+    """Run (or continue) chain ``chain`` of ``spec``, writing its kept draws to ``sink``.
+
+    Parameters
+    ----------
+    spec : RunSpec
+    chain : int
+        Global chain index: its seeds are ``chain_seeds(spec.seed, chain)``.
+    sink : Sink
+        Receives ``sink.write(chain, draw, record)`` for every kept draw and
+        ``sink.flush(chain)`` before every checkpoint.
+    state : ChainState, optional
+        Continue from this state (a checkpoint) instead of starting afresh.
+    checkpoint : callable, optional
+        Called with the state after the draws written so far are flushed: every
+        ``checkpoint_every`` kept draws, or (by default) at the first kept draw at least
+        ``checkpoint_interval`` seconds after the previous checkpoint; and at the end.
+    progress : callable, optional
+        ``progress(chain, step, planned, kept, potential)``, called about every 1% of the steps.
+    should_stop : callable, optional
+        Polled after every step; when it returns True the chain checkpoints its last kept draw
+        and raises :class:`ChainStopped`.
+    shard, wrap_closure
+        Data-parallel runs: this process's slice of every global minibatch, and a wrapper that
+        averages the gradients across processes.
+
+    Returns
+    -------
+    ChainState
+        The final state (``done=True``).
+
+    Raises
+    ------
+    ChainFailure
+        A non-finite potential, gradient or prediction; the draws before it are in the sink
+        and the last kept draw is checkpointed.
+    ChainStopped
+        ``should_stop()`` returned True.
+    """
+    device = torch.device(spec.device)
+    seeds = chain_seeds(spec.seed, chain)
+    target = spec.target.build(seeds.init, device)
+    module = target.module
+    noise = torch.Generator(device=device).manual_seed(seeds.noise)
+    sampler = make_sampler(
+        spec.sampler, module.parameters(), lr=spec.lr, num_data=spec.num_data,
+        temperature=spec.temperature, generator=noise, options=dict(spec.options),
+    )  # fmt: skip
+    stream = MinibatchStream(spec.train, spec.batch_size, seeds.data, device, shard=shard)
+    one_pass = spec.train.one_pass(spec.batch_size, device)
+    begin = getattr(sampler, "begin_chain", None)
+    if callable(begin):
+        begin(ChainContext(module, one_pass, spec.burn_in, spec.draws, spec.thin))
+    recorded_state = getattr(sampler, "recorded_state", None)
+    chain_draws = getattr(sampler, "chain_draws", None)
+    planned = sampler.planned_steps(spec.burn_in, spec.draws, spec.thin)
+    loo_x, loo_y = _loo_data(spec, target, device)
+    recorder = _Recorder(
+        spec, target, sampler, device, loo_x, loo_y, projection_directions(spec, module)
+    )
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seeds.model)
+        if state is None:
+            state = ChainState(chain=chain)
+        else:
+            state.restore(module, sampler, stream)
+        if state.done:
+            return state
+        return _loop(
+            spec, chain, sink, state, target, sampler, stream, recorder, planned,
+            recorded_state=recorded_state, chain_draws=chain_draws, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
+            progress=progress, should_stop=should_stop, wrap_closure=wrap_closure,
+        )  # fmt: skip
+
+
+def _loop(
+    spec: RunSpec,
+    chain: int,
+    sink: Any,
+    state: ChainState,
+    target: Any,
+    sampler: Any,
+    stream: MinibatchStream,
+    recorder: _Recorder,
+    planned: int,
+    *,
+    recorded_state: Any,
+    chain_draws: Any,
+    checkpoint: Callable[[ChainState], None] | None,
+    checkpoint_every: int | None,
+    checkpoint_interval: float,
+    progress: ProgressFn | None,
+    should_stop: Callable[[], bool] | None,
+    wrap_closure: Any,
+) -> ChainState:
+    module = target.module
+    params = [p for p in module.parameters() if p.requires_grad]
+    sink.begin(chain, state.kept)
+    module.train()
+    step, collected, points, kept = state.step, state.collected, state.points, state.kept
+    running = state.running
+    since = time.monotonic()
+    report_every = max(1, planned // 100)
+
+    def current() -> ChainState:
+        return snapshot(
+            ChainState(chain, step, collected, points, kept, running), module, sampler, stream
+        )
+
+    last = current()
+
+    def save(final: bool = False) -> None:
+        nonlocal since
+        sink.flush(chain)
+        if checkpoint is not None:
+            checkpoint(last.finished() if final else last)
+        since = time.monotonic()
+
+    def due() -> bool:
+        if sink.pending_bytes(chain) > _FLUSH_BYTES:
+            return True
+        if checkpoint_every:
+            return kept % checkpoint_every == 0
+        return time.monotonic() - since >= checkpoint_interval
+
+    try:
+        while points < spec.draws:
+            if step >= 10 * planned:
+                raise ChainFailure(
+                    f"{spec.sampler!r} kept only {points} of {spec.draws} draws in {step} "
+                    f"steps at chain {chain}; its sampling phases are too short for "
+                    f"thin={spec.thin}",
+                    chain=chain,
+                    step=step,
+                )
+            closure = target.closure(*next(stream))
+            if wrap_closure is not None:
+                closure = wrap_closure(closure, params)
+            loss = float(sampler.step(closure))
+            step += 1
+            if not math.isfinite(loss):
+                raise ChainFailure(
+                    f"non-finite potential {loss} at chain {chain}, step {step - 1}",
+                    chain=chain,
+                    step=step - 1,
+                )
+            running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
+            if step > spec.burn_in and sampler.collecting():
+                collected += 1
+                if collected % spec.thin == 0:
+                    points += 1
+                    if chain_draws is None:
+                        with recorded_state() if recorded_state else contextlib.nullcontext():
+                            sink.write(chain, kept, recorder.record(step - 1, {}, chain, kept))
+                        kept += 1
+                    last = current()
+                    if chain_draws is None and due():
+                        save()
+            if progress is not None and step % report_every == 0:
+                progress(chain, step, planned, kept, running)
+            if should_stop is not None and should_stop():
+                raise ChainStopped(chain, step)
+        if chain_draws is not None:
+            save()
+            with contextlib.closing(chain_draws(spec.draws - kept)) as draws:
+                for extra in draws:
+                    with _eval_mode(module), torch.no_grad():
+                        potential = float(target.potential(*next(stream)))
+                    if not math.isfinite(potential):
+                        raise ChainFailure(
+                            f"non-finite potential {potential} at draw {kept} of chain {chain}",
+                            chain=chain,
+                            step=step,
+                        )
+                    extra = {**extra, "potential": potential}
+                    sink.write(chain, kept, recorder.record(step - 1, extra, chain, kept))
+                    kept += 1
+            if kept < spec.draws:
+                raise ChainFailure(
+                    f"{spec.sampler!r} gave only {kept} of {spec.draws} draws at chain {chain}",
+                    chain=chain,
+                    step=step,
+                )
+            last = current()
+    except (ChainFailure, ChainStopped, KeyboardInterrupt):
+        sink.flush(chain)
+        if checkpoint is not None and chain_draws is None:
+            checkpoint(last)
+        raise
+    if progress is not None:
+        progress(chain, planned, planned, kept, running)
+    save(final=True)
+    return last.finished()
+
+
+_FLUSH_BYTES = 64 * 2**20

@@ -1,0 +1,23 @@
+"""Traces: the ArviZ schema as xarray objects, saved as netCDF.
+
+:mod:`~bayesflat.trace.schema` is the one authority on groups, dimensions, dtypes and names;
+:mod:`~bayesflat.trace.build` builds a trace from arrays and reads its groups and attributes;
+:mod:`~bayesflat.trace.io` saves and loads trace files and run folders.
+"""
+
+from bayesflat.trace.build import build_trace, get_group, groups, trace_attrs
+from bayesflat.trace.io import load, save
+from bayesflat.trace.schema import GROUPS, PROVENANCE_KEYS, decode_name, encode_name
+
+__all__ = [
+    "GROUPS",
+    "PROVENANCE_KEYS",
+    "build_trace",
+    "decode_name",
+    "encode_name",
+    "get_group",
+    "groups",
+    "load",
+    "save",
+    "trace_attrs",
+]

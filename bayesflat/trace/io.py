@@ -1,0 +1,248 @@
+"""Saving and loading traces as netCDF4 (HDF5) files, and writing one from many pieces.
+
+A trace file holds one netCDF group per trace group and the run settings as root attributes;
+``az.from_netcdf`` reads it on ArviZ 0.x and :func:`load` on any ArviZ. Files are written to a
+temporary name in the destination folder and published with :func:`os.replace`, so a reader
+never sees a half-written file and a failed write leaves the old one intact.
+
+:func:`write_concatenated` writes a trace whose draw groups are the concatenation of many
+pieces (the chain files of a run) one piece at a time, so its memory does not grow with the
+number of draws.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5netcdf
+import numpy as np
+import xarray as xr
+
+from bayesflat import _io
+from bayesflat.trace import schema
+from bayesflat.trace.build import assemble, groups, root_attrs
+
+if TYPE_CHECKING:
+    from bayesflat.trace.build import Trace
+
+__all__ = ["load", "open_groups", "save", "write_concatenated", "write_groups"]
+
+_SAVED_BY = "a bayesflat trace written by bayesflat.save, or a run folder"
+
+
+def save(trace: Trace, path: str | os.PathLike[str]) -> Path:
+    """Write a trace to a netCDF4 file, atomically.
+
+    Parameters
+    ----------
+    trace : arviz.InferenceData or xarray.DataTree
+        A trace made by bayesflat (root attribute ``created_by == "bayesflat"``).
+    path : str or path-like
+        Destination file; missing parent folders are created.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        If ``trace`` was not made by bayesflat or ``path`` is a folder.
+    """
+    path = Path(path)
+    root = root_attrs(trace)
+    if root.get("created_by") != "bayesflat":
+        raise ValueError(
+            f"cannot save to {path}: the trace's root attribute created_by is "
+            f"{root.get('created_by')!r}, expected 'bayesflat' (build it with build_trace)"
+        )
+    write_groups(path, groups(trace), root)
+    return path
+
+
+def write_groups(path: str | os.PathLike[str], parts: Mapping[str, xr.Dataset], root: dict) -> Path:
+    """Write group datasets and root attributes as one netCDF4 file, atomically."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {path} is a folder; give a file name such as {path / 'trace.nc'}")
+    with _io.atomic_path(path) as temporary:
+        xr.Dataset(attrs=root).to_netcdf(temporary, mode="w", engine="h5netcdf")
+        for name, data in parts.items():
+            data.to_netcdf(temporary, mode="a", group=name, engine="h5netcdf")
+    return path
+
+
+def load(path: str | os.PathLike[str], *, lazy: bool = False) -> Trace:
+    """Read a trace file written by :func:`save`, or the trace of a run folder.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A trace file, or a run folder written by ``bayesflat.sample(..., output=...)`` or
+        ``bayesflat run`` (its ``trace.nc`` when the run finished; otherwise the draws its
+        chains kept so far, NaN-padded, with ``complete = False``).
+    lazy : bool, default False
+        Keep the file open and read arrays only when they are used (for traces larger than
+        memory). The default reads everything and closes the file, so it can be overwritten
+        or deleted at once.
+
+    Returns
+    -------
+    arviz.InferenceData or xarray.DataTree
+        Equal (values, dtypes, dimensions, coordinates, attributes) to what was saved.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is neither a bayesflat trace nor a run folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected {_SAVED_BY}")
+    if path.is_dir():
+        from bayesflat.run.sinks import load_folder
+
+        return load_folder(path, lazy=lazy)
+    parts, root = open_groups(path, lazy=lazy)
+    return assemble(parts, root)
+
+
+def open_groups(path: Path, *, lazy: bool = False) -> tuple[dict[str, xr.Dataset], dict]:
+    """The groups (in schema order) and root attributes of a bayesflat netCDF file."""
+    try:
+        with h5netcdf.File(path, "r") as handle:
+            names = list(handle.groups)
+            created_by = handle.attrs.get("created_by")
+    except OSError as err:
+        raise ValueError(
+            f"{path} is not a netCDF4/HDF5 file ({err}); expected {_SAVED_BY}"
+        ) from err
+    if created_by != "bayesflat":
+        raise ValueError(
+            f"{path} is a netCDF/HDF5 file but not a bayesflat trace: its root attribute "
+            f"created_by is {created_by!r}, expected 'bayesflat'"
+        )
+    with xr.open_dataset(path, engine="h5netcdf") as root_dataset:
+        root = dict(root_dataset.attrs)
+    order = {group: i for i, group in enumerate(schema.GROUPS)}
+    parts = {}
+    for name in sorted(names, key=lambda group: (order.get(group, len(schema.GROUPS)), group)):
+        data = xr.open_dataset(path, group=name, engine="h5netcdf")
+        if not lazy:
+            with data:
+                data.load()
+            # What the file said about storage is not part of the trace's value.
+            data.encoding = {}
+            for variable in data.variables.values():
+                variable.encoding = {}
+        parts[name] = data
+    return parts, root
+
+
+Piece = Callable[[], Mapping[str, xr.Dataset]]
+"""A callable returning the draw groups of one piece (``chain`` of size 1)."""
+
+
+def write_concatenated(
+    path: str | os.PathLike[str],
+    *,
+    pieces: Sequence[Sequence[tuple[int, int, Piece]]],
+    draws: int,
+    static: Mapping[str, xr.Dataset],
+    root: dict[str, Any],
+    coords: Mapping[str, Sequence[Any]] | None = None,
+    group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
+    """Write a trace whose draw groups are assembled from pieces, one piece in memory at once.
+
+    Parameters
+    ----------
+    path : path
+        Destination file (written atomically).
+    pieces : per chain, a list of ``(start, stop, read)``
+        ``read()`` returns the draw groups of draws ``start..stop-1`` of that chain, each
+        dataset with dimensions ``(chain=1, draw=stop-start, ...)``.
+    draws : int
+        Length of the ``draw`` dimension; draws no piece covers are NaN.
+    static : mapping of str to Dataset
+        Groups without draws (``observed_data``, ``constant_data``), written as they are.
+    root : dict
+        Root attributes (already encoded).
+    coords : mapping, optional
+        Labels of non-integer dimensions.
+    group_attrs : mapping, optional
+        Attributes of each draw group.
+    """
+    path = Path(path)
+    chains = len(pieces)
+    first = _first_piece(pieces)
+    with _io.atomic_path(path) as temporary:
+        xr.Dataset(attrs=root).to_netcdf(temporary, mode="w", engine="h5netcdf")
+        layout = _skeleton(temporary, first, chains, draws, coords, group_attrs or {})
+        for name in schema.GROUPS:
+            if name in static:
+                static[name].to_netcdf(temporary, mode="a", group=name, engine="h5netcdf")
+        with h5netcdf.File(temporary, "a") as out:
+            targets = {
+                (group, var): out.groups[group].create_variable(
+                    var, dimensions=dims, dtype=dtype, fillvalue=_fill(dtype)
+                )
+                for group, variables in layout.items()
+                for var, (dims, dtype) in variables.items()
+            }
+            for chain, chain_pieces in enumerate(pieces):
+                for start, stop, read in chain_pieces:
+                    for group, data in read().items():
+                        for var, values in data.data_vars.items():
+                            targets[(group, var)][chain, start:stop] = values.values[0]
+    return path
+
+
+def _first_piece(pieces: Sequence[Iterable[tuple[int, int, Piece]]]) -> Mapping[str, xr.Dataset]:
+    for chain_pieces in pieces:
+        for _start, _stop, read in chain_pieces:
+            return read()
+    raise ValueError("no chain kept a draw: there is nothing to write")
+
+
+def _skeleton(
+    path: Path,
+    first: Mapping[str, xr.Dataset],
+    chains: int,
+    draws: int,
+    coords: Mapping[str, Sequence[Any]] | None,
+    group_attrs: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, tuple[tuple[str, ...], np.dtype]]]:
+    """Write every draw group's coordinates and attributes; return its variables' layout."""
+    layout = {}
+    for group in schema.DRAW_GROUPS:
+        data = first.get(group)
+        if data is None:
+            continue
+        labels = {}
+        for dim in data.dims:
+            if dim == "chain":
+                labels[dim] = np.arange(chains)
+            elif dim == "draw":
+                labels[dim] = np.arange(draws)
+            elif coords and dim in coords:
+                labels[dim] = np.asarray(coords[dim])
+            else:
+                labels[dim] = np.arange(data.sizes[dim])
+        xr.Dataset(coords=labels, attrs=dict(group_attrs.get(group, {}))).to_netcdf(
+            path, mode="a", group=group, engine="h5netcdf"
+        )
+        layout[group] = {
+            var: (tuple(values.dims), values.dtype) for var, values in data.data_vars.items()
+        }
+    return layout
+
+
+def _fill(dtype: np.dtype) -> Any:
+    return np.nan if np.dtype(dtype).kind == "f" else None
