@@ -161,6 +161,7 @@ class ImageDataset(Dataset):
         self.mean, self.std, self.transform = mean, std, transform
 
     def __len__(self) -> int:
+        """Number of examples n."""
         return len(self.labels)
 
     def batch(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +195,7 @@ class ImageDataset(Dataset):
         return list(zip(x.unbind(0), y.unbind(0), strict=True))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One example, ``(input (C, H, W), label)``: :meth:`batch` of ``[index]``."""
         x, y = self.batch([index])
         return x[0], y[0]
 
