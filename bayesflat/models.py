@@ -1,4 +1,4 @@
-"""Reference networks: an MLP and a small CNN for 8x8 digits, a CNN for 32x32 colour images.
+"""Reference networks: an MLP and a small CNN for 8x8 digits, CNNs for 32x32 colour images.
 
 Every network returns logits ``(n, num_classes)`` (unnormalised log-probabilities;
 the likelihood applies the softmax) and accepts both flat rows ``(n, C*H*W)``
@@ -17,11 +17,14 @@ from bayesflat._checks import check_int
 
 __all__ = [
     "MLP",
+    "BasicBlock",
     "ConvNet32",
+    "ResNet18",
     "SmallCNN",
     "available_models",
     "build_model",
     "reset_parameters",
+    "resnet18",
 ]
 
 _ACTIVATIONS = {
@@ -198,7 +201,123 @@ class ConvNet32(nn.Module):
         return self.classifier(self.features(_as_images(x, self.in_channels, self.image_size)))
 
 
-_MODELS = {"mlp": MLP, "cnn": SmallCNN, "convnet32": ConvNet32}
+class BasicBlock(nn.Module):
+    """Residual block of ResNet-18/34: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``.
+
+    Both convolutions are 3x3 without bias (BatchNorm follows); the first has
+    stride ``stride``. The shortcut is the identity when shape is kept, else a
+    1x1 convolution with that stride followed by BatchNorm (He et al. 2016,
+    option B).
+
+    Parameters
+    ----------
+    c_in, c_out : int
+        Input and output channels.
+    stride : int, default 1
+        Stride of the first convolution and of the shortcut; 2 halves height and width.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output ``(n, c_out, H / stride, W / stride)``."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in its CIFAR form (He et al. 2016, arXiv:1512.03385), for 32x32 images.
+
+    The ImageNet stem (7x7 stride-2 convolution and max-pool) is replaced by a
+    3x3 stride-1 convolution without max-pool, so a 32x32 input keeps full
+    resolution in the first stage: ``conv3x3(64) -> BN -> ReLU``, four stages of
+    two :class:`BasicBlock` s with ``64, 128, 256, 512`` channels (stride 1, 2,
+    2, 2: feature maps 32, 16, 8, 4 pixels), global average pooling, and a
+    ``Linear(512 -> num_classes)`` head. Parameters for 10 classes and 3
+    input channels, all 11,173,962 of them:
+
+    - stem: ``3*64*9 = 1,728`` + BN ``2*64``;
+    - stage 1: ``4 * 64*64*9 = 147,456`` + BN ``4 * 128``;
+    - stage 2: ``64*128*9 + 3 * 128*128*9 + 64*128`` (1x1 shortcut) ``= 524,288`` + BN ``5 * 256``;
+    - stage 3: ``128*256*9 + 3 * 256*256*9 + 128*256 = 2,097,152`` + BN ``5 * 512``;
+    - stage 4: ``256*512*9 + 3 * 512*512*9 + 256*512 = 8,388,608`` + BN ``5 * 1024``;
+    - head: ``512*10 + 10 = 5,130``.
+
+    The layers keep PyTorch's default initialisation (not torchvision's
+    Kaiming-normal one), so :func:`reset_parameters` re-draws exactly what the
+    constructor drew.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Number of output logits.
+    in_channels : int, default 3
+        Input channels.
+    width : int, default 64
+        Channels of the first stage; the stages have ``width * (1, 2, 4, 8)``.
+    image_size : int, default 32
+        Height and width used to reshape flat rows ``(n, C*H*W)``; image
+        batches ``(n, C, H, W)`` of any size pass through (global pooling).
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, width: int = 64, image_size: int = 32
+    ):
+        super().__init__()
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        self.image_size = check_int(image_size, "image_size", 1)
+        check_int(num_classes, "num_classes", 1)
+        check_int(width, "width", 1)
+        self.stem = nn.Sequential(*_conv_block(in_channels, width, True))
+        stages, c_in = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            c_out = width * 2**i
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(n, num_classes)`` of inputs ``(n, C*32*32)`` or ``(n, C, H, W)``."""
+        x = self.stem(_as_images(x, self.in_channels, self.image_size))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.classifier(self.pool(x))
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, **kwargs) -> ResNet18:
+    """The CIFAR ResNet-18 (:class:`ResNet18`): 11,173,962 parameters for 10 classes.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Number of output logits.
+    in_channels : int, default 3
+        Input channels.
+    **kwargs
+        ``width`` and ``image_size``, passed to :class:`ResNet18`.
+
+    Returns
+    -------
+    ResNet18
+        The network, initialised from PyTorch's global random state.
+    """
+    return ResNet18(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+_MODELS = {"mlp": MLP, "cnn": SmallCNN, "convnet32": ConvNet32, "resnet18": ResNet18}
 
 
 def available_models() -> tuple[str, ...]:
@@ -211,8 +330,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
     Parameters
     ----------
-    name : {"mlp", "cnn", "convnet32"}
-        :class:`MLP`, :class:`SmallCNN` or :class:`ConvNet32` (case-insensitive).
+    name : {"mlp", "cnn", "convnet32", "resnet18"}
+        :class:`MLP`, :class:`SmallCNN`, :class:`ConvNet32` or :class:`ResNet18`
+        (case-insensitive).
     **kwargs
         Passed to the network's constructor.
 

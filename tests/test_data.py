@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from bayesflat.data import (
+    Compose,
+    DataSplit,
     DigitsData,
+    ImageDataset,
+    RandomCrop,
+    RandomHorizontalFlip,
     available_ood_sets,
     gaussian_noise,
     image_patches,
@@ -347,3 +352,135 @@ def test_load_idx_errors(tmp_path):
     broken_gz.write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")[:-6])
     with pytest.raises(ValueError, match="cannot be decompressed"):
         load_idx(broken_gz)
+
+
+# --- the split object and the training Dataset ----------------------------------
+
+
+def test_digits_split_is_the_general_split(digits):
+    assert isinstance(digits, DataSplit) and DigitsData is DataSplit
+    assert digits.source == "digits" and not digits.standardized and digits.channels == 1
+    assert digits.class_names == tuple("0123456789")
+    # digits inputs are the stored intensities, no copy
+    assert digits.inputs(digits.x_test) is digits.x_test
+    sets = digits.eval_sets()
+    assert list(sets) == ["test"] and sets["test"][0] is digits.x_test
+    ds = digits.train_dataset()
+    assert len(ds) == 1437
+    x, y = ds.batch([3, 0])
+    assert torch.equal(x, digits.x_train[[3, 0]]) and torch.equal(y, digits.y_train[[3, 0]])
+    with pytest.raises(ValueError, match="flatten=False"):
+        digits.train_dataset(augment=True)
+
+
+def _marked(n=3, c=2, size=5):
+    """uint8 images whose pixels are all distinct and non-zero: a crop reveals its offset."""
+    return (torch.arange(n * c * size * size) % 250 + 1).to(torch.uint8).reshape(n, c, size, size)
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image():
+    x = _marked().float()
+    torch.manual_seed(0)
+    out = RandomCrop(2)(x)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for image, crop in zip(padded, out, strict=True):
+        windows = [image[:, i : i + 5, j : j + 5] for i in range(5) for j in range(5)]
+        assert sum(torch.equal(crop, w) for w in windows) == 1
+    assert RandomCrop(0)(x) is x
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        RandomCrop(2)(x[0])
+
+
+def test_random_crop_offsets_uniform():
+    # 9 x 9 offsets for padding 4, each with probability 1/81: chi-square with 80 dof
+    from scipy.stats import chi2
+
+    x = torch.zeros(8100, 1, 1, 1)
+    x[:, :, 0, 0] = 1.0
+    torch.manual_seed(1)
+    out = RandomCrop(4)(x)
+    # a 1x1 image crops to its only pixel at offset (4, 4) and to the zero padding elsewhere
+    hits = int(out.sum())
+    assert 100 - 4 * 10 < hits < 100 + 4 * 10  # Binomial(8100, 1/81): mean 100, sd 9.9
+    torch.manual_seed(1)
+    offsets = torch.randint(0, 9, (2, 8100))
+    counts = torch.bincount(offsets[0] * 9 + offsets[1], minlength=81).double()
+    assert int(out.sum()) == int(counts[4 * 9 + 4])  # the crop uses exactly these draws
+    stat = float(((counts - 100) ** 2 / 100).sum())
+    assert stat < chi2.ppf(0.999, 80)
+
+
+def test_horizontal_flip():
+    x = _marked(n=2000, c=1, size=3).float()
+    torch.manual_seed(2)
+    out = RandomHorizontalFlip()(x)
+    flipped = (out != x).flatten(1).any(dim=1)
+    assert torch.equal(out[flipped], x[flipped].flip(-1)) and torch.equal(
+        out[~flipped], x[~flipped]
+    )
+    assert abs(int(flipped.sum()) - 1000) < 4 * 22.4  # Binomial(2000, 1/2): sd 22.4
+    assert torch.equal(RandomHorizontalFlip(0.0)(x), x)
+    with pytest.raises(ValueError, match="probability"):
+        RandomHorizontalFlip(1.5)
+
+
+def _colour_split():
+    x = _marked(n=12, c=3, size=6)
+    y = torch.arange(12) % 3
+    mean, std = torch.tensor([0.2, 0.5, 0.7]), torch.tensor([0.1, 0.2, 0.3])
+    return ImageDataset(
+        x, y, mean=mean, std=std, transform=Compose(RandomCrop(2), RandomHorizontalFlip())
+    )
+
+
+def test_dataset_reproducible_from_the_global_generator():
+    ds = _colour_split()
+    idx = [5, 0, 11, 3]
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        a = ds.batch(idx)
+        torch.manual_seed(7)
+        b = ds.batch(idx)
+        torch.manual_seed(8)
+        c = ds.batch(idx)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], ds.labels[idx])
+    assert not torch.equal(a[0], c[0])
+    # per-example access runs the same transform on a batch of one
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        single = ds[5]
+        torch.manual_seed(7)
+        assert torch.equal(single[0], ds.batch([5])[0][0])
+    # standardisation after augmentation: crop padding is black, -mean/std
+    plain = ImageDataset(ds.images, ds.labels, mean=ds.mean, std=ds.std)
+    x, _ = plain.batch([1])
+    expected = (ds.images[1].float() / 255 - ds.mean[:, None, None]) / ds.std[:, None, None]
+    torch.testing.assert_close(x[0], expected)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        aug = ds.batch(range(12))[0]
+    black = (-ds.mean / ds.std)[None, :, None, None].expand_as(aug)
+    assert torch.isclose(aug, black).any()
+
+
+def test_dataset_fast_path_through_dataloader():
+    from torch.utils.data import DataLoader
+
+    ds = _colour_split()
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        pairs = ds.__getitems__([0, 1, 2, 3])
+        torch.manual_seed(4)
+        direct = ds.batch([0, 1, 2, 3])
+        # the DataLoader calls __getitems__ with the batch's indices and collates the pairs
+        loader = DataLoader(ds, batch_size=4, shuffle=False)
+        torch.manual_seed(5)
+        xb, yb = next(iter(loader))
+        torch.manual_seed(5)
+        again = next(iter(loader))
+    assert torch.equal(torch.stack([x for x, _ in pairs]), direct[0])
+    assert torch.equal(torch.stack([y for _, y in pairs]), direct[1])
+    assert torch.equal(xb, again[0]) and torch.equal(yb, direct[1])
+    assert xb.shape == (4, 3, 6, 6) and xb.dtype == torch.float32 and yb.dtype == torch.int64
+    with pytest.raises(ValueError, match="differ in length"):
+        ImageDataset(ds.images, ds.labels[:3])
