@@ -314,7 +314,7 @@ def fake_groups(rng, chains=4, draws=50, n=20, n_class=3):
     )
     return (
         {
-            "posterior": posterior,
+            "weights": posterior,
             "sample_stats": xr.Dataset(
                 {"lp": (("chain", "draw"), rng.standard_normal((chains, draws)))}
             ),

@@ -120,7 +120,7 @@ def small_trace(tmp_path_factory):
     bayesflat.sample(
         model, (x, y), sampler="fsgld", chains=2, burn_in=10, draws=6, thin=2, batch_size=16,
         eval_sets={"test": (x[:16], y[:16])}, progress=False, lr=0.05, stats_fns=fns,
-        output=folder / "trace.nc",
+        output=folder,
     )  # fmt: skip
     return folder / "trace.nc"
 

@@ -90,8 +90,8 @@ def test_budget_bounds_the_hessian_vector_products(monkeypatch):
 
 def test_recording_leaves_the_chain_unchanged():
     x, y = _toy()
-    plain = btrace.groups(_run())["posterior"]
-    recorded = btrace.groups(_run(diagnostic_stats(data=(x, y), budget=BUDGET)))["posterior"]
+    plain = btrace.groups(_run())["weights"]
+    recorded = btrace.groups(_run(diagnostic_stats(data=(x, y), budget=BUDGET)))["weights"]
     for name in plain.data_vars:
         np.testing.assert_array_equal(plain[name].values, recorded[name].values)
 
@@ -101,7 +101,7 @@ def test_recorded_values_match_the_draws():
     budget = Budget(subsample=None, hutchinson_probes=8, lanczos_steps=31, rwp_samples=2)
     groups = btrace.groups(_run(diagnostic_stats(data=(x, y), budget=budget, prior=2.0),
                                 prior=2.0))  # fmt: skip
-    stats, posterior = groups["sample_stats"], groups["posterior"]
+    stats, posterior = groups["sample_stats"], groups["weights"]
     for c in range(2):
         for s in range(3):
             model = _load_draw(_model(), posterior, c, s)

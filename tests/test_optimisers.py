@@ -457,11 +457,11 @@ def _sample(sampler: str, model: nn.Module | None = None, **kw):
 def test_driver_records_the_swa_average_of_the_sgd_chain():
     sgd = btrace.groups(_sample("sgd"))
     swa = btrace.groups(_sample("swa"))
-    for name in sgd["posterior"].data_vars:
-        iterates = sgd["posterior"][name].values.astype(np.float64)
+    for name in sgd["weights"].data_vars:
+        iterates = sgd["weights"][name].values.astype(np.float64)
         counts = np.arange(1, 6).reshape(1, 5, *[1] * (iterates.ndim - 2))
         running = np.cumsum(iterates, axis=1) / counts
-        np.testing.assert_allclose(swa["posterior"][name].values, running, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(swa["weights"][name].values, running, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(swa["sample_stats"]["swa_count"].values, [np.arange(1, 6)] * 2)
     # lp is the iterate's: identical to the SGD chain's.
     np.testing.assert_array_equal(
@@ -472,7 +472,7 @@ def test_driver_records_the_swa_average_of_the_sgd_chain():
 def test_driver_swa_batchnorm_statistics_are_recomputed_for_the_average():
     x, _ = _data(96)
     tr = btrace.groups(_sample("swa", model=_mlp(batchnorm=True), chains=1, draws=3))
-    post = tr["posterior"]
+    post = tr["weights"]
     model = _mlp(batchnorm=True)
     state = {k: torch.from_numpy(post[k].values[0, -1]) for k in post.data_vars}
     model.load_state_dict({**model.state_dict(), **state})
@@ -518,9 +518,9 @@ def test_driver_hooks_are_generic(monkeypatch):
     assert sum(xb.shape[0] for xb, _ in batches) == 96
     assert torch.equal(torch.cat([xb for xb, _ in batches]), _data(96)[0])
     # The recorded state is the hook's; the chain itself is the SGD chain, untouched.
-    np.testing.assert_array_equal(hooked["posterior"]["0.weight"].values, 0.0)
+    np.testing.assert_array_equal(hooked["weights"]["0.weight"].values, 0.0)
     np.testing.assert_array_equal(
-        hooked["posterior"]["2.weight"].values, sgd["posterior"]["2.weight"].values
+        hooked["weights"]["2.weight"].values, sgd["weights"]["2.weight"].values
     )
     np.testing.assert_array_equal(
         hooked["sample_stats"]["lp"].values, sgd["sample_stats"]["lp"].values
@@ -555,7 +555,7 @@ def _gaussian_trace(n: int, seed: int = 0):
     cov = np.diag(s2) + u @ u.T
     draws = rng.multivariate_normal(mu, cov, size=n)
     trace = btrace.build_trace(
-        posterior={
+        weights={
             "a.weight": draws[None, :, :8].reshape(1, n, 2, 4),
             "a.bias": draws[None, :, 8:],
         },
@@ -616,7 +616,7 @@ def test_swag_online_moments_equal_the_fit_from_recorded_iterates():
     n = len(iterates)
     assert opt.moments.count == n == 7 and opt.moments.rank == 4
     trace = btrace.build_trace(
-        posterior={k: np.stack([it[k] for it in iterates])[None] for k in iterates[0]},
+        weights={k: np.stack([it[k] for it in iterates])[None] for k in iterates[0]},
         sample_stats={"lp": np.zeros((1, n))},
     )
     fit = fit_swag(trace, max_rank=4)
@@ -655,7 +655,7 @@ def test_driver_swag_draws_are_the_chain():
     np.testing.assert_array_equal(stats["swag_rank"].values, 4.0)
     np.testing.assert_array_equal(stats["step"].values, 13)
     assert np.all(np.isfinite(stats["lp"].values)) and np.unique(stats["lp"].values).size == 8
-    w = groups["posterior"]["0.weight"].values
+    w = groups["weights"]["0.weight"].values
     assert w.shape == (2, 4, 8, 6) and np.all(np.isfinite(w))
     assert np.all(np.abs(np.diff(w, axis=1)).reshape(2, 3, -1).max(-1) > 0)
     assert np.all(np.isfinite(groups["predictions"]["test"].values))

@@ -57,6 +57,7 @@ def _logistic_draws(seed: int = 0) -> dict:
     lp = -log_lik.mean(-1) + 0.5 * (thetas**2).sum(-1) / N
     return {
         "posterior": {"0.weight": thetas[..., None, :2], "0.bias": thetas[..., 2:]},
+        "weights": {"0.weight": thetas[..., None, :2], "0.bias": thetas[..., 2:]},
         "sample_stats": {
             "lp": lp,
             "step_size": np.full((CHAINS, DRAWS), 1e-3),
@@ -65,8 +66,9 @@ def _logistic_draws(seed: int = 0) -> dict:
             "grad_norm": rng.gamma(2.0, size=(CHAINS, DRAWS)),
         },
         "predictions": {"test": np.exp(log_p)},
-        "log_likelihood": {"test": log_lik},
-        "observed_data": {"test": y},
+        "log_likelihood": {"train": log_lik},
+        "heldout_log_likelihood": {"test": log_lik},
+        "observed_data": {"test": y, "train": y},
         "constant_data": {"set_names": np.array(["test"]), "class_labels": np.array(["a", "b"])},
         "attrs": ATTRS,
     }
@@ -107,8 +109,9 @@ def test_schema(trace, data):
     assert parts["predictions"]["test"].dtype == np.float32
     np.testing.assert_array_equal(parts["predictions"]["class"], [0, 1])
     np.testing.assert_array_equal(parts["predictions"]["test_id"], np.arange(N))
-    assert parts["log_likelihood"]["test"].dims == ("chain", "draw", "test_id")
-    assert parts["log_likelihood"]["test"].dtype == np.float64
+    assert parts["log_likelihood"]["train"].dims == ("chain", "draw", "train_id")
+    assert parts["log_likelihood"]["train"].dtype == np.float64
+    assert parts["heldout_log_likelihood"]["test"].dims == ("chain", "draw", "test_id")
     assert parts["observed_data"]["test"].dtype == np.int64
     assert all(v.dtype == np.float64 for v in parts["sample_stats"].data_vars.values())
     np.testing.assert_array_equal(parts["observed_data"]["test"], data["observed_data"]["test"])
@@ -184,7 +187,7 @@ def test_load_not_netcdf(tmp_path):
     path.write_text("not a trace\n")
     with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a netCDF4/HDF5 file"):
         T.load(path)
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + " is not a file"):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + " is a folder without"):
         T.load(tmp_path)
 
 
@@ -227,7 +230,7 @@ def test_arviz_functions_without_arguments(trace, data):
     plt.close("all")
 
     loo = az.loo(trace)
-    log_lik = data["log_likelihood"]["test"].reshape(CHAINS * DRAWS, N)
+    log_lik = data["log_likelihood"]["train"].reshape(CHAINS * DRAWS, N)
     lppd = float(np.sum(logsumexp(log_lik, axis=0) - np.log(CHAINS * DRAWS)))
     assert np.isfinite(loo.elpd_loo) and not loo.warning
     assert float(loo.pareto_k.max()) < 0.7
@@ -288,12 +291,12 @@ def _replace(data, group, name, value):
         (
             lambda d: _replace(d, "observed_data", "test", np.zeros(29, int)),
             ValueError,
-            r"observed_data\['test'\] has 29 labels but predictions\['test'\] has 30",
+            r"observed_data\['test'\] has 29 labels but the draw groups have 30 points",
         ),
         (
             lambda d: _replace(d, "observed_data", "test", np.full(30, 2)),
             ValueError,
-            r"observed_data\['test'\] has label 2 but predictions\['test'\] has 2 classes",
+            r"observed_data\['test'\] has label 2 but the predictions have 2 classes",
         ),
         (
             lambda d: _replace(d, "observed_data", "test", np.zeros(30)),
@@ -301,14 +304,15 @@ def _replace(data, group, name, value):
             r"observed_data\['test'\] .*expected integer labels",
         ),
         (
-            lambda d: _replace(d, "log_likelihood", "test", np.ones((4, 50, 31))),
+            lambda d: _replace(d, "heldout_log_likelihood", "test", np.ones((4, 50, 31))),
             ValueError,
-            r"log_likelihood\['test'\] has 31 points but predictions\['test'\] has 30",
+            r"heldout_log_likelihood\['test'\] has 31 points along 'test_id' but "
+            r"predictions\['test'\] has 30",
         ),
         (
             lambda d: _replace(d, "predictions", "ood", np.ones((4, 50, 5, 3))),
             ValueError,
-            r"predictions\['ood'\] has .* classes",
+            r"predictions\['ood'\] has 3 points along 'class'",
         ),
         (
             lambda d: _replace(d, "predictions", "test", np.ones((4, 50, 30, 2), int)),
@@ -320,7 +324,16 @@ def _replace(data, group, name, value):
             ValueError,
             r"posterior\['0.weight_dim_0'\]: the name is also a dimension",
         ),
-        (lambda d: {**d, "posterior": {}, "sample_stats": {}}, ValueError, "both empty"),
+        (
+            lambda d: {
+                **d,
+                **{g: {} for g in ("posterior", "weights", "sample_stats", "predictions")},
+                "log_likelihood": {},
+                "heldout_log_likelihood": {},
+            },
+            ValueError,
+            "every draw group is empty",
+        ),
         (
             lambda d: _replace(d, "attrs", "created_by", "me"),
             ValueError,
@@ -352,7 +365,7 @@ def test_torch_tensors(data):
 
 def test_datatree_for_arviz_1(data, trace, tmp_path, monkeypatch):
     idata_groups, idata_attrs = T.groups(trace), T.trace_attrs(trace)
-    monkeypatch.setattr(T, "_arviz_major", lambda: 1)
+    monkeypatch.setattr(T.build, "arviz_major", lambda: 1)
     tree = T.build_trace(**data)
     assert isinstance(tree, xr.DataTree)
     tree_groups = T.groups(tree)

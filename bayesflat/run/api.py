@@ -32,7 +32,6 @@ from bayesflat.run.sinks import (
     load_folder,
 )
 from bayesflat.run.spec import (
-    ChainContext,
     ModuleTargetSpec,
     RunSpec,
     as_name_tuple,
@@ -515,10 +514,7 @@ def _attrs(spec: RunSpec, target: Any) -> dict[str, Any]:
         spec.sampler, target.module.parameters(), lr=spec.lr, num_data=spec.num_data,
         temperature=spec.temperature, generator=None, options=dict(spec.options),
     )  # fmt: skip
-    begin = getattr(sampler, "begin_chain", None)
-    if callable(begin):
-        one_pass = spec.train.one_pass(spec.batch_size, torch.device("cpu"))
-        begin(ChainContext(target.module, one_pass, spec.burn_in, spec.draws, spec.thin))
+    sampler.bind_schedule(spec.burn_in, spec.draws, spec.thin)
     planned = sampler.planned_steps(spec.burn_in, spec.draws, spec.thin)
     return {
         **sampler.config(),

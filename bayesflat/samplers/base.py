@@ -286,6 +286,13 @@ class Sampler(torch.optim.Optimizer):
         """
         return True
 
+    def bind_schedule(self, burn_in: int, draws: int, thin: int) -> None:
+        """Resolve settings that default to the run's schedule (none here).
+
+        The run engine calls it before recording the sampler's settings and before every
+        chain, so the trace attributes show the values the chains use.
+        """
+
     def planned_steps(self, burn_in: int, draws: int, thin: int) -> int:
         """Steps a chain needs to keep ``draws`` draws: ``burn_in + draws * thin`` by default."""
         return burn_in + draws * thin

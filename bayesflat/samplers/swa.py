@@ -202,17 +202,20 @@ class _IterateCollector(Sampler):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def bind_schedule(self, burn_in: int, draws: int, thin: int) -> None:
+        """Default ``start`` to the burn-in and ``every`` to this method's default."""
+        if self.start is None:
+            self.start = burn_in
+        if self.every is None:
+            self.every = self._default_every(thin)
+
     def begin_chain(self, context: Any) -> None:
-        """Driver hook: keep the chain's model and training batches (for BatchNorm), and
-        default ``start`` to the burn-in and ``every`` to this method's driver default."""
+        """Driver hook: keep the chain's model and training batches (for BatchNorm)."""
         self._model = context.model
         self._batches = context.train_batches
-        if self.start is None:
-            self.start = context.burn_in
-        if self.every is None:
-            self.every = self._driver_every(context)
+        self.bind_schedule(context.burn_in, context.draws, context.thin)
 
-    def _driver_every(self, context: Any) -> int:
+    def _default_every(self, thin: int) -> int:
         return 1
 
     @torch.no_grad()
@@ -432,8 +435,8 @@ class SWAG(_IterateCollector):
         self.scale = check_positive(scale, "scale")
         self.moments = SWAGMoments(self.buffer("swag_iterate").chunks, max_rank)
 
-    def _driver_every(self, context: Any) -> int:
-        return context.thin
+    def _default_every(self, thin: int) -> int:
+        return thin
 
     def _collect(self) -> None:
         iterate = self.buffer("swag_iterate")

@@ -124,6 +124,7 @@ def build_trace(
     stamp = schema.provenance()
     settings, kinds = schema.encode_attrs(attrs or {})
     draws = {group: schema.draw_variables(group, data, leading) for group, data in given.items()}
+    _check_shared_dims(draws)
     n_class = schema.check_sets(draws["predictions"])
     labels = schema.label_variables(observed_data or {}, n_class, draws)
     constants = schema.constant_variables(constant_data or {})
@@ -135,6 +136,21 @@ def build_trace(
             parts[group] = dataset(group, variables[group], group_attrs, coords)
     root = {**stamp, **settings, schema.KINDS_KEY: json.dumps(kinds, sort_keys=True)}
     return assemble(parts, root)
+
+
+def _check_shared_dims(draws: Mapping[str, Mapping[str, schema.VariableSpec]]) -> None:
+    """A dimension name means the same size in every draw group (``test_id`` in predictions
+    and in heldout_log_likelihood, say)."""
+    seen: dict[str, tuple[int, str]] = {}
+    for group, variables in draws.items():
+        for name, (dims, values) in variables.items():
+            where = f"{group}[{schema.decode_name(name)!r}]"
+            for dim, size in zip(dims[2:], values.shape[2:], strict=True):
+                first = seen.setdefault(dim, (size, where))
+                if first[0] != size:
+                    raise ValueError(
+                        f"{where} has {size} points along {dim!r} but {first[1]} has {first[0]}"
+                    )
 
 
 def dataset(
