@@ -138,11 +138,10 @@ path = bayesflat.save(traces["fsgld"], out / "trace.nc")
 idata = az.from_netcdf(path)
 print(f"\nsaved {path}; groups: {', '.join(idata.groups())}")
 
-# lp is the log joint density estimated on a minibatch, -N L_B (nats), at every kept draw. Its
-# R-hat and ESS say whether the chains agree about the level of the potential (weight-space
-# R-hat would mean nothing: permuting hidden units maps a mode onto an equivalent one). Expect R-hat well above
-# 1.01 here: the prior term |theta|^2 / (2 N) of L_B relaxes over about N / lr steps, longer
-# than this run, while the predictions settle much sooner. Tutorial 3 goes further.
+# lp is the log joint density estimated on a minibatch, -N L_B (nats), at every kept draw.
+# Its R-hat and ESS say whether the chains agree about the level of the potential
+# (weight-space R-hat would mean nothing: permuting hidden units maps a mode onto an
+# equivalent one). Tutorial 3 goes further.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # ArviZ warns on short chains; the numbers say it too
     print(az.summary(idata, group="sample_stats", var_names=["lp"], kind="all").to_string())
