@@ -103,6 +103,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="under torchrun: divide the chains among the ranks, or run every chain "
         "data-parallel across them",
     )  # fmt: skip
+    p.add_argument(
+        "--device", default="cpu",
+        help="torch device of the chains; under torchrun 'cuda' means each rank's own GPU",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument(
         "--threads", type=int, default=1,
@@ -194,12 +198,52 @@ def _explicit(argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str,
     return {k: getattr(args, k) for k in given if k in _RECIPE_KEYS}
 
 
+def _process_group() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes in the environment; ``(rank, world)``."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return 0, 1
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        minutes = float(os.environ.get("BAYESFLAT_DIST_TIMEOUT_MIN", "30"))
+        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device(name: str) -> str:
+    import os
+
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return name
+
+
+def _shared_output(out_dir: Path, world: int) -> Path:
+    """Every rank writes to the folder rank 0 named."""
+    if world < 2:
+        return out_dir
+    import torch.distributed as dist
+
+    box = [str(out_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Sample the digits posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
     import bayesflat
     from bayesflat.report import build_report
     from bayesflat.run.sinks import RunFolder
 
+    rank, world = _process_group()
+    say = print if rank == 0 else (lambda *a, **k: None)
     report_options = _report_options(args)
     settings = {k: getattr(args, k) for k in _RECIPE_KEYS}
     if args.resume is not None:
@@ -224,25 +268,28 @@ def run_command(args: argparse.Namespace) -> int:
             )
         out_dir = folder.path
         _run_inputs(stored)  # sets the thread count the run used
-        print(f"bayesflat run: resuming {out_dir}")
+        say(f"bayesflat run: resuming {out_dir}")
         call: Any = lambda: bayesflat.resume(  # noqa: E731
             out_dir, progress=not args.no_progress, workers=args.workers,
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=args.checkpoint_every, parallel=args.parallel,
+            device=_device(args.device),
         )  # fmt: skip
     else:
-        out_dir = args.output or _default_output(args.sampler, args.seed)
+        out_dir = _shared_output(args.output or _default_output(args.sampler, args.seed), world)
         model, train, eval_sets, kwargs = _run_inputs(settings)
-        print(f"bayesflat run: {args.sampler} on digits ({len(train[1])} train) -> {out_dir}")
+        say(f"bayesflat run: {args.sampler} on digits ({len(train[1])} train) -> {out_dir}")
         call = lambda: bayesflat.sample(  # noqa: E731
             model, train, eval_sets=eval_sets, progress=not args.no_progress, output=out_dir,
             overwrite=args.force, workers=args.workers, checkpoint_every=args.checkpoint_every,
-            parallel=args.parallel,
+            parallel=args.parallel, device=_device(args.device),
             recipe={"rebuild": "bayesflat.cli:rebuild_run", "args": settings}, **kwargs,
         )  # fmt: skip
     try:
         result = call()
     except bayesflat.SamplingError as err:
         raise CLIError(str(err)) from None
+    if rank != 0:
+        return 0
     report = build_report(result, figures=not args.no_report, **report_options)
     paths = report.save(out_dir, html=not args.no_report)
     print(report.headline())

@@ -10,7 +10,7 @@
 - :mod:`~bayesflat.run.api`: :func:`sample` and :func:`resume`.
 """
 
-from bayesflat.run.api import SamplingError, resume, sample
+from bayesflat.run.api import SamplingError, make_spec, resume, sample
 from bayesflat.run.chain import run_chain
 from bayesflat.run.checkpoint import ChainState
 from bayesflat.run.spec import ChainContext, RunSpec, chain_seeds
@@ -21,6 +21,7 @@ __all__ = [
     "RunSpec",
     "SamplingError",
     "chain_seeds",
+    "make_spec",
     "resume",
     "run_chain",
     "sample",

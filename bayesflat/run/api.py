@@ -44,7 +44,7 @@ from bayesflat.run.spec import (
 from bayesflat.run.stream import TrainData
 from bayesflat.target.torch import Likelihood, Prior
 
-__all__ = ["SamplingError", "resume", "sample"]
+__all__ = ["SamplingError", "make_spec", "resume", "sample"]
 
 EXECUTORS = ("auto", "sequential", "processes", "distributed", "vectorised")
 _FORMAT = "bayesflat-run"
@@ -214,7 +214,7 @@ def sample(
     entry = _samplers.entry(sampler)
     if temperature is None:
         temperature = 1.0 if entry.is_sampler else 0.0
-    spec = _build_spec(
+    spec = make_spec(
         model, train_data, sampler=sampler, chains=chains, burn_in=burn_in, draws=draws,
         thin=thin, batch_size=batch_size, eval_sets=eval_sets, seed=seed, lr=lr,
         temperature=temperature, num_data=num_data, likelihood=likelihood, prior=prior,
@@ -225,15 +225,22 @@ def sample(
     executor = _choose_executor(executor, workers)
     check_choice(parallel, "parallel", ("chains", "data"))
     every = None if checkpoint_every is None else check_int(checkpoint_every, "checkpoint_every", 1)
-    folder = _prepare_folder(output, overwrite)
     preflight(spec)
     static = _static(spec)
-    if folder is not None:
+
+    def prepare() -> RunFolder | None:
+        folder = _prepare_folder(output, overwrite)
+        if folder is None:
+            _capacity(spec, None, disk=False)
+            return None
         _capacity(spec, folder.path, disk=True)
         folder.write_meta(_meta(spec, static, recipe, status="running"))
         folder.write_static(static)
-    else:
-        _capacity(spec, None, disk=False)
+        return folder
+
+    folder = _distributed.on_rank_zero(prepare, distributed=executor == "distributed")
+    if folder is None and output is not None:
+        folder = RunFolder(output)
     return _execute(
         spec, static, folder, {}, executor=executor, workers=workers, parallel=parallel,
         progress=progress, checkpoint_every=every,
@@ -308,7 +315,7 @@ def resume(
             kwargs[key] = value
         else:
             options[key] = value
-    spec = _build_spec(
+    spec = make_spec(
         model, train_data, eval_sets=eval_sets, stats_fns=stats_fns, options=options, **kwargs
     )
     given = spec.identity()
@@ -323,7 +330,10 @@ def resume(
     states = {c: s for c in range(spec.chains) if (s := folder.checkpoint(c)) is not None}
     if folder.trace_nc.is_file():
         return load_folder(folder.path, lazy=True)
-    folder.write_meta({**meta, "status": "running"})
+    _distributed.on_rank_zero(
+        lambda: folder.write_meta({**meta, "status": "running"}),
+        distributed=_distributed.world_size() > 1,
+    )
     every = None if checkpoint_every is None else check_int(checkpoint_every, "checkpoint_every", 1)
     return _execute(
         spec, static, folder, states, executor=_choose_executor(executor, workers),
@@ -334,33 +344,40 @@ def resume(
 # -- building the spec ----------------------------------------------------------------------------
 
 
-def _build_spec(
+def make_spec(
     model: Any,
     train_data: object,
     *,
-    sampler: str,
-    chains: int,
-    burn_in: int,
-    draws: int,
-    thin: int,
-    batch_size: int,
-    eval_sets: Mapping[str, object] | None,
-    seed: int,
-    lr: float,
-    temperature: float,
-    num_data: int | None,
-    likelihood: str | Likelihood,
-    prior: Prior | float | None,
-    init: str,
-    store_weights: bool | list[str],
-    store_logits: bool,
-    loo_points: int | None,
-    eval_batch_size: int,
-    device: str | None,
-    stats_fns: Mapping[str, Any] | None,
-    options: Mapping[str, Any],
+    sampler: str = "fsgld",
+    chains: int = 4,
+    burn_in: int = 1000,
+    draws: int = 100,
+    thin: int = 10,
+    batch_size: int = 64,
+    eval_sets: Mapping[str, object] | None = None,
+    seed: int = 0,
+    lr: float = 1e-3,
+    temperature: float | None = None,
+    num_data: int | None = None,
+    likelihood: str | Likelihood = "categorical",
+    prior: Prior | float | None = 1.0,
+    init: str = "reset",
+    store_weights: bool | list[str] = True,
+    store_logits: bool = False,
+    loo_points: int | None = None,
+    eval_batch_size: int = 1024,
+    device: str | None = None,
+    stats_fns: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> RunSpec:
-    _samplers.entry(sampler)
+    """The checked :class:`RunSpec` of :func:`sample`'s arguments (for :func:`run_chain`).
+
+    ``options`` are the sampler's options (``**sampler_options`` of :func:`sample`).
+    """
+    entry = _samplers.entry(sampler)
+    if temperature is None:
+        temperature = 1.0 if entry.is_sampler else 0.0
+    options = dict(options or {})
     for name, minimum in (("chains", 1), ("burn_in", 0), ("draws", 1), ("thin", 1),
                           ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0)):  # fmt: skip
         check_int(locals()[name], name, minimum)

@@ -37,7 +37,7 @@ from bayesflat.run.progress import Progress
 from bayesflat.run.sinks import FolderSink, MemorySink, RunFolder, Static, load_folder
 from bayesflat.run.spec import RunSpec
 
-__all__ = ["rank", "run", "world_size"]
+__all__ = ["averaging_closure", "on_rank_zero", "rank", "run", "world_size"]
 
 _STOP_KEY = "bayesflat/stop"
 
@@ -54,6 +54,29 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return 0
+
+
+def on_rank_zero(fn: Callable[[], Any], *, distributed: bool) -> Any:
+    """Run ``fn`` on rank 0 only; the others wait for it and raise what it raised.
+
+    Without a process group (``distributed=False``) this is ``fn()``.
+    """
+    if not distributed or world_size() == 1:
+        return fn()
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except (ValueError, TypeError, OSError) as err:
+            error = err
+    message = [f"{type(error).__name__}: {error}" if error is not None else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        kind, _, text = message[0].partition(": ")
+        raise {"TypeError": TypeError, "OSError": OSError}.get(kind, ValueError)(text)
+    return result
 
 
 class _SharedStop:

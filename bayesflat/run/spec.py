@@ -388,7 +388,6 @@ class RunSpec:
             "loo_points": self.loo_points,
             "projections": self.projections,
             "stats_fns": sorted(self.stats_fns),
-            "device": self.device,
         }
 
     def check_picklable(self, why: str) -> None:

@@ -1,0 +1,411 @@
+"""The run engine: pure chains, streaming to disk, bit-exact resume, executors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5netcdf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import bayesflat
+from bayesflat import trace as btrace
+from bayesflat.run.checkpoint import load_checkpoint
+from bayesflat.run.progress import Progress
+from bayesflat.run.spec import chain_seeds
+from bayesflat.run.stream import MinibatchStream, TrainData
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _toy(n: int = 96, d: int = 5, k: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, k, generator=g)
+    y = (x @ w + 0.3 * torch.randn(n, k, generator=g)).argmax(dim=1)
+    return x, y
+
+
+def _model(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 8), nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(8, 3))
+
+
+EVAL = {"test": _toy(40, seed=1), "ood": 3.0 * _toy(10, seed=2)[0]}
+
+
+def _kwargs(**kw):
+    args = dict(
+        sampler="fsgld", chains=2, burn_in=10, draws=12, thin=2, batch_size=16, seed=3,
+        eval_sets=EVAL, progress=False, lr=0.05,
+    )  # fmt: skip
+    args.update(kw)
+    return args
+
+
+def assert_same_draws(a, b, skip: tuple[str, ...] = ()) -> None:
+    """Every draw variable of every group equal, array for array (NaN equal to NaN)."""
+    ga, gb = btrace.groups(a), btrace.groups(b)
+    assert set(ga) == set(gb)
+    for group, data in ga.items():
+        assert set(data.data_vars) == set(gb[group].data_vars), group
+        for name in data.data_vars:
+            if name in skip:
+                continue
+            x, y = data[name].values, gb[group][name].values
+            assert x.dtype == y.dtype and x.shape == y.shape, (group, name)
+            assert np.array_equal(x, y, equal_nan=True), (group, name)
+
+
+class _InterruptAt:
+    """A per-draw statistic that raises KeyboardInterrupt (a Ctrl-C) at its ``at``-th call."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, model: nn.Module, sampler: object) -> float:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return 0.0
+
+
+def _zero(model: nn.Module, sampler: object) -> float:
+    return 0.0
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "fsgld", "sghmc", "csgld", "swag"])
+def test_n_draws_resume_n_draws_equals_2n_straight(sampler, tmp_path):
+    x, y = _toy()
+    kw = _kwargs(sampler=sampler)
+    straight = bayesflat.sample(_model(), (x, y), stats_fns={"probe": _zero}, **kw)
+    # Interrupted at the 7th recorded draw: chain 0 half done (swag: inside its draw phase).
+    with pytest.raises(KeyboardInterrupt):
+        bayesflat.sample(
+            _model(), (x, y), stats_fns={"probe": _InterruptAt(7)}, output=tmp_path,
+            checkpoint_every=2, **kw,
+        )  # fmt: skip
+    state = load_checkpoint(tmp_path / "chains" / "chain_0000" / "checkpoint.pt")
+    assert not state.done
+    assert not (tmp_path / "trace.nc").exists()
+    resumed = bayesflat.resume(
+        tmp_path, _model(), (x, y), eval_sets=EVAL, stats_fns={"probe": _zero}, progress=False
+    )
+    assert_same_draws(straight, resumed)
+    attrs = btrace.trace_attrs(resumed)
+    assert attrs["complete"] is True and attrs["draws_kept"] == [12, 12]
+
+
+def test_run_chain_stops_cleanly_and_continues(tmp_path):
+    from bayesflat.run.chain import ChainStopped, run_chain
+    from bayesflat.run.sinks import FolderSink, MemorySink, RunFolder
+
+    x, y = _toy()
+    spec = bayesflat.run.make_spec(
+        _model(), (x, y), sampler="sghmc", chains=1, burn_in=10, draws=12, thin=2, batch_size=16,
+        eval_sets=EVAL, seed=3, lr=0.05,
+    )  # fmt: skip
+    whole = MemorySink(1, 12)
+    run_chain(spec, 0, whole)
+    folder = RunFolder(tmp_path)
+    sink = FolderSink(folder, 1, 12, {})
+    saved = []
+    steps = iter(range(10**6))
+    with pytest.raises(ChainStopped):
+        run_chain(spec, 0, sink, checkpoint=saved.append, should_stop=lambda: next(steps) == 17)
+    assert saved and saved[-1].kept == 4  # step 18 stopped after draws at steps 12..18
+    rest = MemorySink(1, 12)
+    run_chain(spec, 0, rest, saved[-1])
+    for group, variables in whole._arrays.items():
+        for name, array in variables.items():
+            np.testing.assert_array_equal(rest._arrays[group][name][0, 4:], array[0, 4:])
+
+
+def test_memory_folder_and_process_runs_are_identical(tmp_path):
+    x, y = _toy()
+    kw = _kwargs(chains=3, sampler="fsgld", store_logits=True)
+    memory = bayesflat.sample(_model(), (x, y), **kw)
+    folder = bayesflat.sample(_model(), (x, y), output=tmp_path / "run", **kw)
+    processes = bayesflat.sample(_model(), (x, y), workers=2, **kw)
+    assert_same_draws(memory, folder)
+    assert_same_draws(memory, processes)
+    assert btrace.trace_attrs(processes)["chains"] == 3
+    # The folder holds the assembled trace, the chains' checkpoints and no draw files.
+    run = tmp_path / "run"
+    assert (run / "trace.nc").is_file() and (run / "run.json").is_file()
+    assert sorted(p.name for p in (run / "chains").iterdir()) == [
+        "chain_0000", "chain_0001", "chain_0002"
+    ]  # fmt: skip
+    assert [p.name for p in (run / "chains" / "chain_0001").iterdir()] == ["checkpoint.pt"]
+    assert_same_draws(memory, bayesflat.load(run))
+
+
+def test_processes_refuse_unpicklable_statistics():
+    x, y = _toy()
+    with pytest.raises(ValueError, match=r"stats_fns\['f'\] cannot be sent.*workers > 1"):
+        bayesflat.sample(_model(), (x, y), workers=2, stats_fns={"f": lambda m, s: 0.0},
+                         **_kwargs())  # fmt: skip
+
+
+def test_dropout_masks_come_from_the_chain_seed_and_leave_the_global_rng_alone():
+    x, y = _toy()
+    model = _model(dropout=0.5)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = bayesflat.sample(model, (x, y), **_kwargs(sampler="sgld"))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)  # a different global state must not change the draws
+    b = bayesflat.sample(_model(dropout=0.5), (x, y), **_kwargs(sampler="sgld"))
+    assert_same_draws(a, b)
+    c = bayesflat.sample(_model(dropout=0.5), (x, y), **_kwargs(sampler="sgld", seed=4))
+    assert not np.array_equal(
+        btrace.groups(a)["weights"]["0.weight"].values,
+        btrace.groups(c)["weights"]["0.weight"].values,
+    )
+
+
+def test_chain_seeds_are_global_and_distinct():
+    seeds = [chain_seeds(0, c) for c in range(4)]
+    assert len({s for chain in seeds for s in chain}) == 16
+    assert chain_seeds(0, 3) == seeds[3]
+    assert chain_seeds(1, 3) != seeds[3]
+
+
+class _Augmented(Dataset):
+    """Items drawn with torch's global generator, as random crops and flips are."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+@pytest.mark.parametrize("kind", ["tensors", "dataset"])
+def test_stream_resumes_after_any_batch(kind):
+    x, y = _toy()
+    data = TrainData((x, y) if kind == "tensors" else _Augmented(x, y))
+    ref = MinibatchStream(data, 16, 7, torch.device("cpu"))
+    batches = [next(ref) for _ in range(20)]  # three epochs and a bit
+    for cut in (0, 5, 6, 13):
+        stream = MinibatchStream(data, 16, 7, torch.device("cpu"))
+        for _ in range(cut):
+            next(stream)
+        state = stream.state_dict()
+        again = MinibatchStream(data, 16, 7, torch.device("cpu"))
+        again.load_state_dict(state)
+        for i in range(cut, 20):
+            xb, yb = next(again)
+            assert torch.equal(xb, batches[i][0]) and torch.equal(yb, batches[i][1]), (cut, i)
+
+
+def test_resume_refuses_different_settings(tmp_path):
+    x, y = _toy()
+    with pytest.raises(KeyboardInterrupt):
+        bayesflat.sample(_model(), (x, y), output=tmp_path, checkpoint_every=1,
+                         stats_fns={"probe": _InterruptAt(3)}, **_kwargs())  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"differ from the stored run: lr \(run folder: 0.05, now: 0.1\)"
+    ):
+        bayesflat.resume(tmp_path, _model(), (x, y), eval_sets=EVAL, stats_fns={"probe": _zero},
+                         lr=0.1, progress=False)  # fmt: skip
+    x2 = x.clone()
+    x2[0, 0] += 1.0
+    with pytest.raises(ValueError, match="train_fingerprint"):
+        bayesflat.resume(tmp_path, _model(), (x2, y), eval_sets=EVAL, stats_fns={"probe": _zero},
+                         progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="eval_sets"):
+        bayesflat.resume(tmp_path, _model(), (x, y), eval_sets={"test": EVAL["test"]},
+                         stats_fns={"probe": _zero}, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="started from Python"):
+        bayesflat.resume(tmp_path)
+    # The partial run reads as a partial trace.
+    partial = bayesflat.load(tmp_path)
+    attrs = btrace.trace_attrs(partial)
+    assert attrs["complete"] is False and attrs["draws_kept"] == [2, 0]
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    x, y = _toy()
+    bayesflat.sample(_model(), (x, y), output=tmp_path, **_kwargs(draws=2))
+    with pytest.raises(ValueError, match="already holds a finished run.*resume.*overwrite=True"):
+        bayesflat.sample(_model(), (x, y), output=tmp_path, **_kwargs(draws=2))
+    tr = bayesflat.sample(_model(), (x, y), output=tmp_path, overwrite=True, **_kwargs(draws=3))
+    assert btrace.trace_attrs(tr)["draws_kept"] == [3, 3]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        bayesflat.sample(_model(), (x, y), output=tmp_path / "file", **_kwargs())
+
+
+def test_runs_too_large_for_memory_are_refused_with_the_figure():
+    x, y = _toy()
+    with pytest.raises(ValueError, match=r"need about .* GiB .* draws x .* only .* free in memory"):
+        bayesflat.sample(_model(), (x, y), **_kwargs(draws=10**8))
+
+
+def test_progress_on_a_log_is_a_line_every_ten_percent():
+    out = io.StringIO()
+    bar = Progress([0, 1], planned=500, draws=10, stream=out)
+    for step in range(0, 501, 5):
+        for chain in (0, 1):
+            bar.update(chain, step, 500, step // 50, 1.5)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10
+    assert lines[-1].startswith("bayesflat: 100% (1000/1000 steps), draws 10/10, potential 1.5")
+
+
+# -- a real kill -9 --------------------------------------------------------------------------------
+
+RUN = [
+    sys.executable, "-m", "bayesflat.cli", "run", "--chains", "2", "--burn-in", "40", "--draws",
+    "16", "--thin", "4", "--no-report", "--no-progress", "--checkpoint-every", "1",
+]  # fmt: skip
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(RUN + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)  # fmt: skip
+
+
+def _every_file_readable(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_dir() or path.name.startswith("."):
+            continue  # .tmp files are a killed writer's; resume removes them
+        if path.suffix == ".nc":
+            with h5netcdf.File(path, "r") as handle:
+                assert handle.attrs["created_by"] == "bayesflat", path
+        elif path.suffix == ".pt":
+            load_checkpoint(path)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+
+def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path):
+    straight = _cli(["--output", str(tmp_path / "straight")])
+    assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()
+    folder = tmp_path / "killed"
+    rng = np.random.default_rng(2024)
+    kills = 0
+    proc = _cli(["--output", str(folder)])
+    while kills < 5:
+        # Wait for the run to get going (a checkpoint), then kill it a random moment later.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(folder.glob("chains/*/checkpoint.pt")):
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is not None:
+            break  # finished before the kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills += 1
+        _every_file_readable(folder)
+        proc = _cli(["--resume", str(folder)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    assert kills >= 5
+    _every_file_readable(folder)
+    assert not list(folder.rglob(".*.tmp"))
+    assert_same_draws(bayesflat.load(tmp_path / "straight"), bayesflat.load(folder))
+
+
+def test_cli_resume_refuses_a_different_option(tmp_path):
+    proc = _cli(["--output", str(tmp_path), "--draws", "2"])
+    assert proc.wait(timeout=300) == 0
+    from bayesflat import cli
+
+    assert cli.main(["run", "--resume", str(tmp_path), "--lr", "0.5", "--no-progress"]) == 1
+
+
+# -- torch.distributed -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_chain_parallel_equals_the_sequential_run(tmp_path):
+    args = ["--chains", "3", "--draws", "6", "--no-report", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BAYESFLAT_DIST_TIMEOUT_MIN": "2"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "bayesflat.cli", "run",
+        "--output", str(tmp_path / "ranks"), "--burn-in", "20", "--thin", "3", *args,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().count("wrote ") == 1  # rank 0 reports
+    from bayesflat import cli
+
+    assert cli.main(["run", "--output", str(tmp_path / "one"), "--burn-in", "20", "--thin", "3",
+                     *args]) == 0  # fmt: skip
+    ranks = bayesflat.load(tmp_path / "ranks")
+    assert btrace.trace_attrs(ranks)["chains"] == 3
+    assert btrace.trace_attrs(ranks)["draws_kept"] == [6, 6, 6]
+    assert_same_draws(bayesflat.load(tmp_path / "one"), ranks)
+
+
+def _data_parallel_worker(rank: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    try:
+        x, y = _toy()
+        tr = bayesflat.sample(_model(), (x, y), parallel="data", **_kwargs(batch_size=32))
+        if rank == 0:
+            btrace.save(tr, Path(out) / "data.nc")
+        # Replicas that differ are caught: perturb rank 1 and check.
+        from bayesflat.run.chain import ChainFailure
+        from bayesflat.run.distributed import _check_replicas
+
+        p = [torch.ones(3)]
+        if rank == 1:
+            p[0][0] += 1e-6
+        try:
+            _check_replicas(p)
+        except ChainFailure as err:
+            (Path(out) / f"caught{rank}").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_equals_the_single_process_run_and_replicas_are_checked(tmp_path):
+    torch.multiprocessing.spawn(
+        _data_parallel_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True
+    )
+    x, y = _toy()
+    single = bayesflat.sample(_model(), (x, y), **_kwargs(batch_size=32))
+    data = btrace.load(tmp_path / "data.nc")
+    for group in ("weights", "predictions", "sample_stats"):
+        a, b = btrace.groups(single)[group], btrace.groups(data)[group]
+        for name in a.data_vars:
+            np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-4, atol=1e-5)
+    for rank in (0, 1):
+        assert "replicas diverged" in (tmp_path / f"caught{rank}").read_text()
