@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import h5netcdf
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -290,8 +290,8 @@ def _every_file_readable(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_dir() or path.name.startswith("."):
             continue  # .tmp files are a killed writer's; resume removes them
-        if path.suffix == ".nc":
-            with h5netcdf.File(path, "r") as handle:
+        if path.suffix in (".nc", ".h5"):
+            with h5py.File(path, "r") as handle:
                 assert handle.attrs["created_by"] == "bayesflat", path
         elif path.suffix == ".pt":
             load_checkpoint(path)

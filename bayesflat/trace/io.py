@@ -13,7 +13,7 @@ number of draws.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,14 +145,19 @@ def open_groups(path: Path, *, lazy: bool = False) -> tuple[dict[str, xr.Dataset
     return parts, root
 
 
-Piece = Callable[[], Mapping[str, xr.Dataset]]
-"""A callable returning the draw groups of one piece (``chain`` of size 1)."""
+Arrays = Mapping[str, Mapping[str, np.ndarray]]
+"""Draw groups as plain arrays: group -> variable -> values of shape ``(draws, ...)``."""
+
+Layout = Mapping[str, Mapping[str, tuple[tuple[str, ...], Any]]]
+"""Draw groups' variables: group -> encoded name -> (dimensions, dtype)."""
 
 
 def write_concatenated(
     path: str | os.PathLike[str],
     *,
-    pieces: Sequence[Sequence[tuple[int, int, Piece]]],
+    layout: Layout,
+    sizes: Mapping[str, int],
+    pieces: Sequence[Sequence[tuple[int, int, Callable[[], Arrays]]]],
     draws: int,
     static: Mapping[str, xr.Dataset],
     root: dict[str, Any],
@@ -165,9 +170,14 @@ def write_concatenated(
     ----------
     path : path
         Destination file (written atomically).
+    layout : mapping
+        Every draw variable's dimensions (``chain``, ``draw`` first) and stored dtype, as
+        :func:`bayesflat.trace.schema.draw_variables` gives them.
+    sizes : mapping of str to int
+        Size of every dimension other than ``chain`` and ``draw``.
     pieces : per chain, a list of ``(start, stop, read)``
-        ``read()`` returns the draw groups of draws ``start..stop-1`` of that chain, each
-        dataset with dimensions ``(chain=1, draw=stop-start, ...)``.
+        ``read()`` returns the arrays of draws ``start..stop-1`` of that chain, keyed by group
+        and encoded variable name, each of shape ``(stop - start, ...)``.
     draws : int
         Length of the ``draw`` dimension; draws no piece covers are NaN.
     static : mapping of str to Dataset
@@ -175,16 +185,32 @@ def write_concatenated(
     root : dict
         Root attributes (already encoded).
     coords : mapping, optional
-        Labels of non-integer dimensions.
+        Labels of dimensions that are not ``0..size-1``.
     group_attrs : mapping, optional
         Attributes of each draw group.
     """
     path = Path(path)
     chains = len(pieces)
-    first = _first_piece(pieces)
     with _io.atomic_path(path) as temporary:
         xr.Dataset(attrs=root).to_netcdf(temporary, mode="w", engine="h5netcdf")
-        layout = _skeleton(temporary, first, chains, draws, coords, group_attrs or {})
+        for group in schema.DRAW_GROUPS:
+            if group not in layout:
+                continue
+            dims = {d for variable_dims, _ in layout[group].values() for d in variable_dims}
+            labels = {}
+            for dim in sorted(dims):
+                if dim == "chain":
+                    labels[dim] = np.arange(chains)
+                elif dim == "draw":
+                    labels[dim] = np.arange(draws)
+                elif coords and dim in coords:
+                    labels[dim] = np.asarray(coords[dim])
+                else:
+                    labels[dim] = np.arange(sizes[dim])
+            attrs = dict((group_attrs or {}).get(group, {}))
+            xr.Dataset(coords=labels, attrs=attrs).to_netcdf(
+                temporary, mode="a", group=group, engine="h5netcdf"
+            )
         for name in schema.GROUPS:
             if name in static:
                 static[name].to_netcdf(temporary, mode="a", group=name, engine="h5netcdf")
@@ -198,51 +224,11 @@ def write_concatenated(
             }
             for chain, chain_pieces in enumerate(pieces):
                 for start, stop, read in chain_pieces:
-                    for group, data in read().items():
-                        for var, values in data.data_vars.items():
-                            targets[(group, var)][chain, start:stop] = values.values[0]
+                    for group, variables in read().items():
+                        for var, values in variables.items():
+                            targets[(group, var)][chain, start:stop] = values
     return path
 
 
-def _first_piece(pieces: Sequence[Iterable[tuple[int, int, Piece]]]) -> Mapping[str, xr.Dataset]:
-    for chain_pieces in pieces:
-        for _start, _stop, read in chain_pieces:
-            return read()
-    raise ValueError("no chain kept a draw: there is nothing to write")
-
-
-def _skeleton(
-    path: Path,
-    first: Mapping[str, xr.Dataset],
-    chains: int,
-    draws: int,
-    coords: Mapping[str, Sequence[Any]] | None,
-    group_attrs: Mapping[str, Mapping[str, Any]],
-) -> dict[str, dict[str, tuple[tuple[str, ...], np.dtype]]]:
-    """Write every draw group's coordinates and attributes; return its variables' layout."""
-    layout = {}
-    for group in schema.DRAW_GROUPS:
-        data = first.get(group)
-        if data is None:
-            continue
-        labels = {}
-        for dim in data.dims:
-            if dim == "chain":
-                labels[dim] = np.arange(chains)
-            elif dim == "draw":
-                labels[dim] = np.arange(draws)
-            elif coords and dim in coords:
-                labels[dim] = np.asarray(coords[dim])
-            else:
-                labels[dim] = np.arange(data.sizes[dim])
-        xr.Dataset(coords=labels, attrs=dict(group_attrs.get(group, {}))).to_netcdf(
-            path, mode="a", group=group, engine="h5netcdf"
-        )
-        layout[group] = {
-            var: (tuple(values.dims), values.dtype) for var, values in data.data_vars.items()
-        }
-    return layout
-
-
-def _fill(dtype: np.dtype) -> Any:
+def _fill(dtype: Any) -> Any:
     return np.nan if np.dtype(dtype).kind == "f" else None
