@@ -124,3 +124,30 @@ def test_cli_one_case_writes_into_out(step_time, tmp_path, capsys):
 def test_unknown_case_is_refused(step_time, tmp_path):
     with pytest.raises(ValueError, match="case_names"):
         step_time.run(tmp_path, quick=True, case_names=["cifar"])
+
+
+def test_paper_cifar_smoke_runs_on_synthetic_files_of_the_real_formats(tmp_path):
+    spec = importlib.util.spec_from_file_location("paper_cifar", SCRIPT.parent / "paper_cifar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    assert results["draws"] == 2 and results["train"] == 96 and results["svhn"] == 48
+    for key in ("accuracy", "nll", "ece", "auroc_svhn", "fpr95_svhn"):
+        assert math.isfinite(results[key])
+    assert "| accuracy |" in (tmp_path / "paper_cifar_smoke.md").read_text()
+
+
+def test_run_engine_quick_run_writes_its_tables(tmp_path, monkeypatch):
+    # Spawned ranks import the module by name, so it must be importable.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    module = importlib.import_module("run_engine")
+    results = module.run(tmp_path, quick=True)
+    assert set(results["executors"]["median_s"]) == {"sequential", "processes", "distributed"}
+    text = (tmp_path / "run_engine.md").read_text()
+    for part in (
+        "## Chains against wall time",
+        "## Peak memory",
+        "## Writing the trace",
+        "## Resume",
+    ):
+        assert part in text
