@@ -13,3 +13,22 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+ARVIZ_1 = int(__import__("importlib.metadata").metadata.version("arviz").split(".")[0]) >= 1
+"""Whether the installed ArviZ is 1.x (traces are xarray.DataTree, results new classes)."""
+
+
+def elpd_loo(loo):
+    """``elpd_loo`` of an ``az.loo`` result on either ArviZ."""
+    return loo.elpd if ARVIZ_1 else loo.elpd_loo
+
+
+def p_loo(loo):
+    """``p_loo`` of an ``az.loo`` result on either ArviZ."""
+    return loo.p if ARVIZ_1 else loo.p_loo
+
+
+def as_dataset(group):
+    """A group of what ``az.from_netcdf`` returns, as an xarray.Dataset, on either ArviZ."""
+    return group.to_dataset() if hasattr(group, "to_dataset") else group
