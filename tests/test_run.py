@@ -366,40 +366,52 @@ def test_torchrun_chain_parallel_equals_the_sequential_run(tmp_path):
     assert_same_draws(bayesflat.load(tmp_path / "one"), ranks)
 
 
-def _data_parallel_worker(rank: int, port: int, out: str) -> None:
-    import datetime
+_DATA_PARALLEL_SCRIPT = """
+import sys
+from pathlib import Path
 
-    import torch.distributed as dist
+import torch
+import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-        timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
-    try:
-        x, y = _toy()
-        tr = bayesflat.sample(_model(), (x, y), parallel="data", **_kwargs(batch_size=32))
-        if rank == 0:
-            btrace.save(tr, Path(out) / "data.nc")
-        # Replicas that differ are caught: perturb rank 1 and check.
-        from bayesflat.run.chain import ChainFailure
-        from bayesflat.run.distributed import _check_replicas
+sys.path.insert(0, sys.argv[2])
+import bayesflat
+import bayesflat.trace as btrace
+from bayesflat.run.chain import ChainFailure
+from bayesflat.run.distributed import _check_replicas
+from test_run import _kwargs, _model, _toy
 
-        p = [torch.ones(3)]
-        if rank == 1:
-            p[0][0] += 1e-6
-        try:
-            _check_replicas(p)
-        except ChainFailure as err:
-            (Path(out) / f"caught{rank}").write_text(str(err))
-    finally:
-        dist.destroy_process_group()
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+x, y = _toy()
+trace = bayesflat.sample(_model(), (x, y), parallel="data", **_kwargs(batch_size=32))
+if rank == 0:
+    btrace.save(trace, out / "data.nc")
+# Replicas that differ are caught: perturb rank 1 and check.
+params = [torch.ones(3)]
+if rank == 1:
+    params[0][0] += 1e-6
+try:
+    _check_replicas(params)
+except ChainFailure as err:
+    (out / f"caught{rank}").write_text(str(err))
+dist.barrier()
+dist.destroy_process_group()
+"""
 
 
 def test_data_parallel_equals_the_single_process_run_and_replicas_are_checked(tmp_path):
-    torch.multiprocessing.spawn(
-        _data_parallel_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True
-    )
+    script = tmp_path / "data_parallel.py"
+    script.write_text(_DATA_PARALLEL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script), str(tmp_path),
+        str(Path(__file__).parent),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
     x, y = _toy()
     single = bayesflat.sample(_model(), (x, y), **_kwargs(batch_size=32))
     data = btrace.load(tmp_path / "data.nc")
