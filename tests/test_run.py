@@ -421,3 +421,39 @@ def test_data_parallel_equals_the_single_process_run_and_replicas_are_checked(tm
             np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-4, atol=1e-5)
     for rank in (0, 1):
         assert "replicas diverged" in (tmp_path / f"caught{rank}").read_text()
+
+
+# -- vectorised ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sampler, options",
+    [("sgld", {}), ("fsgld", {"num_perturbations": 2, "antithetic": True,
+                              "perturbation": "rademacher"})],
+)  # fmt: skip
+def test_vectorised_chains_equal_the_sequential_chains(sampler, options):
+    x, y = _toy()
+    kw = _kwargs(sampler=sampler, chains=3, **options)
+    one_by_one = bayesflat.sample(_model(), (x, y), **kw)
+    batched = bayesflat.sample(_model(), (x, y), executor="vectorised", **kw)
+    ga, gb = btrace.groups(one_by_one), btrace.groups(batched)
+    for group in ("weights", "posterior", "predictions", "heldout_log_likelihood"):
+        for name in ga[group].data_vars:
+            np.testing.assert_allclose(gb[group][name].values, ga[group][name].values,
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+    stats_a, stats_b = ga["sample_stats"], gb["sample_stats"]
+    for name in ("potential", "grad_norm", "sigma", "step"):
+        np.testing.assert_allclose(stats_b[name].values, stats_a[name].values, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["sam", "sghmc", "swag"])
+def test_vectorised_refuses_samplers_whose_update_couples_a_chain(sampler):
+    x, y = _toy()
+    with pytest.raises(ValueError, match="executor='vectorised'.*processes"):
+        bayesflat.sample(_model(), (x, y), executor="vectorised", **_kwargs(sampler=sampler))
+
+
+def test_vectorised_refuses_dropout():
+    x, y = _toy()
+    with pytest.raises(ValueError, match="dropout"):
+        bayesflat.sample(_model(dropout=0.2), (x, y), executor="vectorised", **_kwargs())

@@ -226,6 +226,10 @@ def sample(
     check_choice(parallel, "parallel", ("chains", "data"))
     every = None if checkpoint_every is None else check_int(checkpoint_every, "checkpoint_every", 1)
     preflight(spec)
+    if executor == "vectorised":
+        from bayesflat.run.vectorised import check_vectorisable
+
+        check_vectorisable(spec)
     static = _static(spec)
 
     def prepare() -> RunFolder | None:
@@ -669,10 +673,6 @@ def _execute(
             spec, static, folder, states, parallel=parallel, progress=progress,
             checkpoint_every=checkpoint_every,
         )  # fmt: skip
-    if executor == "vectorised":
-        from bayesflat.run.vectorised import run_vectorised
-
-        return run_vectorised(spec, static, folder, states, progress=progress)
     todo = [c for c in range(spec.chains) if not (c in states and states[c].done)]
     planned = int(static.attrs["planned_steps"])
     bar = Progress(
@@ -704,7 +704,10 @@ def _execute(
                     if folder is not None
                     else MemorySink(spec.chains, spec.draws)
                 )
-                outcomes = run_sequential(
+                run = run_sequential
+                if executor == "vectorised":
+                    from bayesflat.run.vectorised import run_vectorised as run
+                outcomes = run(
                     spec, todo, sink, states, folder=folder, progress=bar, stop=stop,
                     checkpoint_every=checkpoint_every, checkpoint_interval=5.0,
                 )  # fmt: skip

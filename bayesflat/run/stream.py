@@ -198,6 +198,17 @@ class MinibatchStream:
         return self
 
     def __next__(self) -> tuple[Any, Any]:
+        idx = self.next_indices()
+        if self.data.is_tensors:
+            idx = idx.to(self.device)
+            return self._x[idx], self._y[idx]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_batch_seed(self.seed, self.epoch, self.offset - 1))
+            xb, yb = self.data.take(idx)
+        return _to(xb, self.device), _to(yb, self.device)
+
+    def next_indices(self) -> Tensor:
+        """Advance by one batch and return its example indices (what ``next`` would load)."""
         if self.offset >= self.per_epoch:
             self._new_epoch()
         assert self._order is not None
@@ -207,15 +218,8 @@ class MinibatchStream:
             rank, world = self.shard
             part = self.batch_size // world
             idx = idx[rank * part : (rank + 1) * part]
-        batch_index = self.offset
         self.offset += 1
-        if self.data.is_tensors:
-            idx = idx.to(self.device)
-            return self._x[idx], self._y[idx]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_batch_seed(self.seed, self.epoch, batch_index))
-            xb, yb = self.data.take(idx)
-        return _to(xb, self.device), _to(yb, self.device)
+        return idx
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch": e, "offset": batches taken in it, "generator": state at its start}``."""

@@ -67,12 +67,22 @@ class FlatBuffer:
     def normal_(self, generator: torch.Generator | None) -> None:
         """Fill with independent standard normal draws (one call per dtype/device chunk)."""
         for flat in self.chunks:
-            flat.normal_(generator=generator)
+            fill_normal_(flat, generator)
 
     def rademacher_(self, generator: torch.Generator | None) -> None:
         """Fill with independent signs, ``P(+1) = P(-1) = 1/2``."""
         for flat in self.chunks:
-            flat.bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+            fill_rademacher_(flat, generator)
+
+
+def fill_normal_(flat: Tensor, generator: torch.Generator | None) -> None:
+    """Standard normal draws into the contiguous tensor ``flat``."""
+    flat.normal_(generator=generator)
+
+
+def fill_rademacher_(flat: Tensor, generator: torch.Generator | None) -> None:
+    """Independent signs ``+-1`` (probability 1/2 each) into the contiguous tensor ``flat``."""
+    flat.bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
 
 
 class GradientEstimator:
@@ -163,6 +173,9 @@ class Sampler(torch.optim.Optimizer):
     """
 
     name = "sampler"
+    buffer_type: Callable[[Sequence[Tensor]], FlatBuffer] = FlatBuffer
+    """Makes the workspaces of :meth:`buffer`; the vectorised executor swaps in one with a
+    chain dimension."""
 
     def __init__(
         self,
@@ -229,7 +242,7 @@ class Sampler(torch.optim.Optimizer):
         """A flat workspace shaped like all parameters, allocated once and reused."""
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = FlatBuffer(self._params)
+            buf = self._buffers[key] = self.buffer_type(self._params)
         return buf
 
     def zero_grad(self, set_to_none: bool = True) -> None:

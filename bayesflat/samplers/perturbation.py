@@ -226,7 +226,7 @@ class PerturbedGradient(GradientEstimator):
         torch._foreach_copy_(params, backup)
         if num_evals > 1 or clean is not None:
             torch._foreach_mul_(sampler.gradients(), (1.0 - w) / num_evals)
-        perturbed = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+        perturbed = torch.stack(losses).mean(dim=0) if len(losses) > 1 else losses[0]
         if clean is None:
             return perturbed
         return w * clean + (1.0 - w) * perturbed

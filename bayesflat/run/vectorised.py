@@ -1,0 +1,562 @@
+"""Several chains of one model as one batched computation.
+
+The ``vectorised`` executor advances ``K`` chains in lockstep in one process. Their weights are
+stacked into tensors with a leading chain dimension ``(K, *shape)``; one batched forward and
+backward pass over the ``K`` minibatches (``(K, |B|, ...)``) gives every chain its own
+gradient, and the sampler's update runs once on the stacked tensors. Each chain keeps its own
+generators, so the draws are those of the sequential run to float tolerance (the batched matrix
+products round differently from one chain's):
+
+* minibatches come from each chain's :class:`~bayesflat.run.stream.MinibatchStream`;
+* the Langevin noise and the perturbations are drawn row by row from each chain's generator
+  into a workspace with a chain dimension (:class:`StackedBuffer`), in the order the
+  sequential sampler draws them;
+* the potential of chain ``k`` is its own ``L_B`` (mean-loss units); the closure returns the
+  vector of the ``K`` potentials, and ``backward`` of their sum leaves each chain's gradient in
+  its row, since the chains share no weights.
+
+What a chain records, checkpoints and reports goes through the same per-chain objects as the
+sequential executor (a module, a sampler holding the chain's generator, a stream, a recorder):
+at each kept draw the chain's row is copied into them. A checkpoint of a vectorised chain is
+therefore a checkpoint of a sequential one and may be resumed by any executor.
+
+The forward pass is a stack of batched matrix products (``baddbmm``) for networks made of
+``Linear`` layers, ``Flatten`` and element-wise activations (such as
+:class:`bayesflat.models.MLP`), and ``torch.func.vmap`` over ``functional_call`` otherwise.
+
+Samplers whose update is element-wise are vectorised: a plain or perturbed gradient (Gaussian
+or Rademacher, several draws, antithetic pairs, clean-weight mixing) followed by Langevin
+dynamics (sgld, sgd, fsgld, rwp, nso ...). Those whose state or norms couple the weights of a
+chain (SAM's gradient norm, filter-normalised perturbations, preconditioners, momenta,
+trajectory averages) are refused with a message pointing to ``executor="processes"``; so are
+networks with BatchNorm running statistics or active dropout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayesflat.run.chain import (
+    ChainFailure,
+    _loo_data,
+    _Recorder,
+    _rng_devices,
+    projection_directions,
+)
+from bayesflat.run.checkpoint import ChainState, snapshot
+from bayesflat.run.spec import RunSpec, chain_seeds, make_sampler
+from bayesflat.run.stream import MinibatchStream
+from bayesflat.samplers.base import (
+    FlatBuffer,
+    PlainGradient,
+    Sampler,
+    fill_normal_,
+    fill_rademacher_,
+)
+from bayesflat.samplers.langevin import LangevinDynamics
+from bayesflat.samplers.perturbation import PerturbedGradient
+from bayesflat.target.torch import FlatPrior, GaussianPrior
+
+__all__ = ["StackedBuffer", "check_vectorisable", "run_vectorised"]
+
+_FALLBACK = "run these chains with executor='processes' (workers=K) or 'sequential'"
+
+_ELEMENTWISE = (
+    nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus,
+    nn.Identity, nn.Mish, nn.Hardtanh,
+)  # fmt: skip
+
+
+class ChainGenerators(list):
+    """The generators of the chains of a vectorised sampler, one per row."""
+
+
+class StackedBuffer(FlatBuffer):
+    """A :class:`FlatBuffer` with a leading chain dimension.
+
+    Parameters are stacked tensors ``(K, *shape)``; a chunk is ``(K, P)`` with ``P`` the
+    number of weights of one chain. Row ``k`` is laid out exactly like one chain's flat
+    buffer, and :meth:`normal_` / :meth:`rademacher_` fill it from chain ``k``'s generator,
+    so every chain sees the random numbers its sequential run draws.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.views = {}
+        self.chunks = []
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in self.params:
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), plist in by_kind.items():
+            chains = plist[0].shape[0]
+            sizes = [p[0].numel() for p in plist]
+            flat = torch.empty(chains, sum(sizes), device=device, dtype=dtype)
+            self.chunks.append(flat)
+            offset = 0
+            for p, n in zip(plist, sizes, strict=True):
+                self.views[id(p)] = flat[:, offset : offset + n].view(p.shape)
+                offset += n
+
+    def normal_(self, generator: Any) -> None:
+        """Row ``k`` of every chunk from ``generator[k]``."""
+        for flat in self.chunks:
+            for row, gen in zip(flat, _generators(generator, flat), strict=True):
+                fill_normal_(row, gen)
+
+    def rademacher_(self, generator: Any) -> None:
+        """Row ``k`` of every chunk from ``generator[k]``."""
+        for flat in self.chunks:
+            for row, gen in zip(flat, _generators(generator, flat), strict=True):
+                fill_rademacher_(row, gen)
+
+
+def _generators(generator: Any, flat: Tensor) -> list[torch.Generator]:
+    if not isinstance(generator, ChainGenerators) or len(generator) != flat.shape[0]:
+        raise TypeError("a StackedBuffer draws from one generator per chain (ChainGenerators)")
+    return generator
+
+
+# -- what can be vectorised -----------------------------------------------------------------------
+
+
+def check_vectorisable(spec: RunSpec) -> None:
+    """Raise ``ValueError`` naming what keeps ``spec``'s chains from running vectorised."""
+    if spec.target.kind != "module":
+        raise ValueError(
+            f"executor='vectorised' runs torch modules; a {spec.target.kind} target cannot be "
+            f"batched across chains: {_FALLBACK}"
+        )
+    target = spec.target.build(0, torch.device("cpu"))
+    module = target.module
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+            raise ValueError(
+                f"executor='vectorised' cannot batch BatchNorm running statistics (module "
+                f"{name!r}): {_FALLBACK}"
+            )
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
+            raise ValueError(
+                f"executor='vectorised' cannot reproduce each chain's dropout masks (module "
+                f"{name!r}): {_FALLBACK}"
+            )
+    params = [p for p in module.parameters() if p.requires_grad]
+    if len({(p.dtype, p.device) for p in params}) > 1:
+        raise ValueError(
+            f"executor='vectorised' needs every trainable parameter in one dtype: {_FALLBACK}"
+        )
+    sampler = make_sampler(
+        spec.sampler, params, lr=spec.lr,
+        num_data=spec.num_data, temperature=spec.temperature, generator=None,
+        options=dict(spec.options),
+    )  # fmt: skip
+    est, dyn = sampler.estimator, sampler.dynamics
+    hooks = [h for h in ("begin_chain", "recorded_state", "chain_draws") if hasattr(sampler, h)]
+    elementwise = type(est) is PlainGradient or (
+        isinstance(est, PerturbedGradient) and not est.filter_normalised
+    )
+    why = (
+        f"its {est.name} gradient estimate couples the weights of a chain" if not elementwise
+        else f"its {dyn.name} dynamics keeps per-weight state" if type(dyn) is not LangevinDynamics
+        else f"it keeps a per-chain trajectory ({', '.join(hooks)})" if hooks
+        else ""
+    )  # fmt: skip
+    if why:
+        raise ValueError(
+            f"executor='vectorised' supports samplers with element-wise updates (a plain or "
+            f"perturbed gradient and Langevin dynamics: sgld, sgd, fsgld, rwp, ...), and "
+            f"{spec.sampler!r} is not one: {why}; {_FALLBACK}"
+        )
+    if len(sampler.param_groups) != 1:
+        raise ValueError(f"executor='vectorised' needs one param group: {_FALLBACK}")
+
+
+# -- the batched potential ------------------------------------------------------------------------
+
+
+def _linear_stack(module: nn.Module) -> list[nn.Module] | None:
+    """The layers of ``module`` when it is a plain stack the fast path can batch, else None."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    layers = list(module)
+    for layer in layers:
+        if isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                return None
+        elif not isinstance(layer, (nn.Linear, *_ELEMENTWISE)):
+            return None
+    return layers
+
+
+class _BatchedForward:
+    """``f(stacked params, X) -> outputs (K, |B|, ...)`` for the chains' module."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        self.module = module
+        self.names = names
+        self.layers = _linear_stack(module)
+        self.prefix = {id(layer): name for name, layer in module.named_children()}
+
+    def __call__(self, stacked: dict[str, Tensor], x: Tensor) -> Tensor:
+        if self.layers is None:
+            from torch.func import functional_call, vmap
+
+            def one(params: dict[str, Tensor], xb: Tensor) -> Tensor:
+                return functional_call(self.module, params, (xb,))
+
+            return vmap(one)(stacked, x)
+        h = x
+        for layer in self.layers:
+            if isinstance(layer, nn.Flatten):
+                h = h.reshape(h.shape[0], h.shape[1], -1)
+            elif isinstance(layer, nn.Linear):
+                name = self.prefix[id(layer)]
+                weight = stacked[f"{name}.weight"].transpose(1, 2)
+                bias = stacked.get(f"{name}.bias")
+                if bias is None:
+                    h = torch.bmm(h, weight)
+                else:
+                    h = torch.baddbmm(bias[:, None], h, weight)
+            else:
+                h = layer(h)
+        return h
+
+
+class _BatchedTarget:
+    """The chains' weights stacked, and their potentials as one computation.
+
+    The weights live in one plain tensor :attr:`flat` of shape ``(K, P)``: row ``k`` is chain
+    ``k``'s trainable parameters concatenated in the module's order (the layout of one chain's
+    :class:`FlatBuffer`). :attr:`params` are leaf views of it, one ``(K, *shape)`` tensor per
+    parameter, which the layers read and the sampler updates in place; the prior's value is
+    read off :attr:`flat` in one reduction per prior scale.
+    """
+
+    def __init__(self, target: Any, rows: Sequence[dict[str, Tensor]]) -> None:
+        self.likelihood = target.likelihood
+        self.prior = target.prior
+        self.num_data = target.num_data
+        first = rows[0]
+        self.layout: list[tuple[str, int, int, torch.Size]] = []
+        offset = 0
+        for name, p in first.items():
+            self.layout.append((name, offset, offset + p.numel(), p.shape))
+            offset += p.numel()
+        self.flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in row.values()])
+                                 for row in rows])  # fmt: skip
+        self.params = {n: v.requires_grad_(True) for n, v in self.views(self.flat).items()}
+        for name, p in self.params.items():
+            if all(row[name].grad is not None for row in rows):
+                p.grad = torch.stack([row[name].grad for row in rows])
+        self.forward = _BatchedForward(target.module, list(first))
+        self.by_precision: dict[float, list[Tensor]] = {}
+        self.segments: list[tuple[int, int, float]] = []
+        if isinstance(self.prior, GaussianPrior):
+            for name, a, b, _ in self.layout:
+                precision = 1.0 / self.prior.scale_for(name) ** 2
+                self.by_precision.setdefault(precision, []).append(self.params[name])
+                if self.segments and self.segments[-1][2] == precision:
+                    self.segments[-1] = (self.segments[-1][0], b, precision)
+                else:
+                    self.segments.append((a, b, precision))
+
+    def views(self, flat: Tensor) -> dict[str, Tensor]:
+        """Parameter ``name`` of every chain, ``(K, *shape)``, as a view of ``flat``."""
+        k = flat.shape[0]
+        return {name: flat[:, a:b].view(k, *shape) for name, a, b, shape in self.layout}
+
+    def row(self, k: int, flat: Tensor) -> dict[str, Tensor]:
+        """Chain ``k``'s parameters as views of ``flat``."""
+        return {name: flat[k, a:b].view(shape) for name, a, b, shape in self.layout}
+
+    def closure(self, x: Tensor, y: Tensor, value: bool = True) -> Callable[[], Tensor]:
+        """Closure leaving each chain's gradient of ``L_B`` in its row.
+
+        It returns the ``K`` potentials ``L_B`` (mean-loss units) when ``value`` is true, and
+        only their likelihood part (enough to check finiteness) otherwise: the prior's value is
+        computed only at the steps where the potential is read.
+        """
+        chains, batch = x.shape[0], x.shape[1]
+
+        def closure() -> Tensor:
+            out = self.forward(self.params, x)
+            nll = self.likelihood.nll(out.flatten(0, 1), y.flatten(0, 1)).view(chains, batch)
+            nll = nll.mean(dim=1)
+            nll.sum().backward()
+            prior = self._prior_(value)
+            return nll.detach() if prior is None else nll.detach() + prior / self.num_data
+
+        return closure
+
+    def _prior_(self, value: bool) -> Tensor | None:
+        """Add the prior's gradient ``grad(-log p) / N`` per row; return ``-log p`` per chain
+        (``None`` for a flat prior, or for a Gaussian one when ``value`` is false)."""
+        flat = self.flat
+        if isinstance(self.prior, FlatPrior):
+            return None
+        if isinstance(self.prior, GaussianPrior):
+            with torch.no_grad():
+                for precision, params in self.by_precision.items():
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    torch._foreach_add_(
+                        [p.grad for p in params], params, alpha=precision / self.num_data
+                    )
+                if not value:
+                    return None
+                total = None
+                for a, b, precision in self.segments:
+                    value = flat[:, a:b].square().sum(dim=1).mul_(0.5 * precision)
+                    total = value if total is None else total.add_(value)
+            assert total is not None
+            return total
+        values = [self.prior.neg_log_prob(self.row_of_params(k)) for k in range(flat.shape[0])]
+        zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
+        per_chain = torch.stack([zero if v is None else v for v in values])
+        if per_chain.requires_grad:
+            with torch.enable_grad():
+                (per_chain.sum() / self.num_data).backward()
+        return per_chain.detach()
+
+    def row_of_params(self, k: int) -> dict[str, Tensor]:
+        """Chain ``k``'s parameters, differentiable (rows of :attr:`params`)."""
+        return {name: p[k] for name, p in self.params.items()}
+
+
+# -- one chain's bookkeeping ----------------------------------------------------------------------
+
+
+class _Chain:
+    """What the sequential executor would hold for chain ``index``: module, sampler, stream."""
+
+    def __init__(self, spec: RunSpec, index: int, device: torch.device) -> None:
+        seeds = chain_seeds(spec.seed, index)
+        self.index = index
+        self.target = spec.target.build(seeds.init, device)
+        self.module = self.target.module
+        self.params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        self.sampler = make_sampler(
+            spec.sampler, list(self.params.values()), lr=spec.lr, num_data=spec.num_data,
+            temperature=spec.temperature,
+            generator=torch.Generator(device=device).manual_seed(seeds.noise),
+            options=dict(spec.options),
+        )  # fmt: skip
+        self.stream = MinibatchStream(spec.train, spec.batch_size, seeds.data, device)
+        loo_x, loo_y = _loo_data(spec, self.target, device)
+        self.recorder = _Recorder(
+            spec, self.target, self.sampler, device, loo_x, loo_y,
+            projection_directions(spec, self.module),
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=_rng_devices(device)):
+            torch.manual_seed(seeds.model)
+            self.rng = torch.get_rng_state()
+        self.state = ChainState(chain=index)
+        self.last = self.state
+
+    @contextlib.contextmanager
+    def own_rng(self) -> Any:
+        """Torch's global generator as this chain's (nothing in a vectorised step draws from it)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng)
+            yield
+            self.rng = torch.get_rng_state()
+
+    def restore(self, state: ChainState) -> None:
+        with self.own_rng():
+            state.restore(self.module, self.sampler, self.stream)
+            self.rng = torch.get_rng_state()
+        self.state = self.last = state
+
+    def pull(self, batched: _BatchedTarget, row: int, shared: Sampler, loss: Tensor) -> None:
+        """Copy row ``row`` of the stacked weights, gradients and step counters into the chain."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                src = batched.params[name]
+                p.copy_(src[row])
+                p.grad = None if src.grad is None else src.grad[row].clone()
+        for mine, theirs in zip(self.sampler.param_groups, shared.param_groups, strict=True):
+            for key, value in theirs.items():
+                if key != "params":
+                    mine[key] = value
+        self.sampler._last_loss = loss[row]
+
+    def snapshot(self) -> ChainState:
+        with self.own_rng():
+            return snapshot(self.state, self.module, self.sampler, self.stream)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def run_vectorised(
+    spec: RunSpec,
+    chains: Sequence[int],
+    sink: Any,
+    states: dict[int, ChainState],
+    *,
+    folder: Any,
+    progress: Any,
+    stop: Any,
+    checkpoint_every: int | None,
+    checkpoint_interval: float,
+) -> list[Any]:
+    """Run ``chains`` vectorised; same arguments and outcomes as ``run_sequential``.
+
+    Chains resumed at different steps (from a run made by another executor) advance in
+    separate lockstep groups, one group after another.
+    """
+    from bayesflat.run.executors import ChainOutcome
+
+    check_vectorisable(spec)
+    device = torch.device(spec.device)
+    held = [_Chain(spec, c, device) for c in chains]
+    for chain in held:
+        if chain.index in states:
+            chain.restore(states[chain.index])
+    groups: dict[int, list[_Chain]] = {}
+    for chain in held:
+        groups.setdefault(chain.state.step, []).append(chain)
+    outcomes: list[Any] = []
+    for step in sorted(groups):
+        group = groups[step]
+        try:
+            _lockstep(
+                spec, group, sink, device,
+                checkpoint=folder.save_checkpoint if folder is not None else None,
+                checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
+                progress=progress.update, should_stop=stop.is_set,
+            )  # fmt: skip
+        except ChainFailure as err:
+            outcomes += [
+                ChainOutcome(c.index, "failed", str(err), err.step)
+                if c.index == err.chain
+                else ChainOutcome(c.index, "stopped", "", c.state.step)
+                for c in group
+            ]
+            return outcomes
+        except _Stopped:
+            outcomes += [ChainOutcome(c.index, "stopped", "", c.state.step) for c in group]
+            return outcomes
+        outcomes += [ChainOutcome(c.index, "done") for c in group]
+    return outcomes
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _minibatches(live: list[_Chain]) -> tuple[Tensor, Tensor]:
+    """Every chain's next minibatch, stacked ``(K, |B|, ...)``; one gather for tensor data."""
+    first = live[0].stream
+    if first.data.is_tensors:
+        idx = torch.stack([c.stream.next_indices() for c in live]).to(first.device)
+        return first._x[idx], first._y[idx]
+    batches = [next(c.stream) for c in live]
+    return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+
+
+def _lockstep(
+    spec: RunSpec,
+    group: list[_Chain],
+    sink: Any,
+    device: torch.device,
+    *,
+    checkpoint: Callable[[ChainState], None] | None,
+    checkpoint_every: int | None,
+    checkpoint_interval: float,
+    progress: Callable[..., None],
+    should_stop: Callable[[], bool],
+) -> None:
+    live = [c for c in group if not c.state.done]
+    if not live:
+        return
+    batched = _BatchedTarget(live[0].target, [c.params for c in live])
+    shared = make_sampler(
+        spec.sampler, list(batched.params.values()), lr=spec.lr, num_data=spec.num_data,
+        temperature=spec.temperature, generator=None, options=dict(spec.options),
+    )  # fmt: skip
+    shared.generator = ChainGenerators(c.sampler.generator for c in live)
+    shared.buffer_type = StackedBuffer
+    for chain in live:  # their statistics read the shared estimator's and dynamics' state
+        chain.sampler.estimator, chain.sampler.dynamics = shared.estimator, shared.dynamics
+    for mine, theirs in zip(shared.param_groups, live[0].sampler.param_groups, strict=True):
+        mine["step"] = theirs["step"]
+    first = live[0].state
+    step, collected, points, kept = first.step, first.collected, first.points, first.kept
+    running = torch.tensor([c.state.running for c in live], dtype=torch.float64)
+    planned = live[0].sampler.planned_steps(spec.burn_in, spec.draws, spec.thin)
+    report_every = max(1, planned // 100)
+    since = time.monotonic()
+    for chain in live:
+        sink.begin(chain.index, kept)
+        chain.module.train()
+
+    def save(final: bool = False) -> None:
+        nonlocal since
+        for chain in live:
+            sink.flush(chain.index)
+            if checkpoint is not None:
+                checkpoint(chain.last.finished() if final else chain.last)
+        since = time.monotonic()
+
+    def due() -> bool:
+        if sum(sink.pending_bytes(c.index) for c in live) > 64 * 2**20:
+            return True
+        if checkpoint_every:
+            return kept % checkpoint_every == 0
+        return time.monotonic() - since >= checkpoint_interval
+
+    try:
+        while points < spec.draws:
+            read = (step + 1) % report_every == 0 or (
+                step + 1 > spec.burn_in and (collected + 1) % spec.thin == 0
+            )
+            x, y = _minibatches(live)
+            loss = shared.step(batched.closure(x, y, value=read)).double().cpu()
+            step += 1
+            bad = (~torch.isfinite(loss)).nonzero()
+            if len(bad):
+                k = int(bad[0])
+                raise ChainFailure(
+                    f"non-finite potential {float(loss[k])} at chain {live[k].index}, "
+                    f"step {step - 1}",
+                    chain=live[k].index,
+                    step=step - 1,
+                )
+            if read:
+                running = torch.where(torch.isnan(running), loss, 0.98 * running + 0.02 * loss)
+            if step > spec.burn_in:
+                collected += 1
+                if collected % spec.thin == 0:
+                    points += 1
+                    for row, chain in enumerate(live):
+                        chain.pull(batched, row, shared, loss)
+                        record = chain.recorder.record(step - 1, {}, chain.index, kept)
+                        sink.write(chain.index, kept, record)
+                    kept += 1
+                    for row, chain in enumerate(live):
+                        chain.state = ChainState(
+                            chain.index, step, collected, points, kept, float(running[row])
+                        )
+                        chain.last = chain.snapshot()
+                    if due():
+                        save()
+            if step % report_every == 0:
+                for row, chain in enumerate(live):
+                    progress(chain.index, step, planned, kept, float(running[row]))
+            if should_stop():
+                raise _Stopped
+    except (ChainFailure, _Stopped, KeyboardInterrupt):
+        save()
+        raise
+    for row, chain in enumerate(live):
+        progress(chain.index, planned, planned, kept, float(running[row]))
+    save(final=True)
+    for chain in live:
+        chain.state = chain.last = chain.last.finished()
