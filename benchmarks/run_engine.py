@@ -112,7 +112,6 @@ def executors(quick: bool) -> dict[str, Any]:
     runs = {
         "sequential": lambda c: _sample(c, quick),
         "processes": lambda c: _sample(c, quick, workers=2),
-        "vectorised": lambda c: _sample(c, quick, executor="vectorised"),
         "distributed": lambda c: _distributed(c, quick),
     }
     walls: dict[str, dict[int, list[float]]] = {k: {c: [] for c in counts} for k in runs}
