@@ -795,10 +795,14 @@ def _score_features(ens: Ensemble) -> dict[str, np.ndarray]:
 
 
 def _scores_of(avg: Mapping[str, np.ndarray], members: int) -> dict[str, np.ndarray]:
-    p = avg["probs"]
-    total = metrics.entropy_score(p)
-    scores = {"max_softmax": metrics.max_softmax_score(p), "entropy": total}
+    # Entropy and confidence of the same BMA as ``Ensemble.mean``: float32 members sum to one
+    # only to ~1e-7, which moves the entropy by as much and can reorder near-tied inputs. The
+    # mutual information keeps the raw average, as :func:`metrics.mutual_information_score`
+    # does, so both of its terms carry the same rounding.
+    p = _renormalise(avg["probs"])
+    scores = {"max_softmax": metrics.max_softmax_score(p), "entropy": metrics.entropy_score(p)}
     if members > 1:
+        total = metrics.entropy_score(avg["probs"])
         scores["mutual_information"] = np.maximum(total - avg["entropy"], 0.0)
     if "energy" in avg:
         scores["energy"] = avg["energy"]

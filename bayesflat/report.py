@@ -329,6 +329,7 @@ def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
     run.update(
         {k: v for k, v in attrs.items() if k not in run and k not in _HIDDEN_KEYS and v != {}}
     )
+    run.update(_kept_shape(trace))
     burn_in, draws, thin = attrs.get("burn_in"), attrs.get("draws"), attrs.get("thin")
     if all(isinstance(v, int) for v in (burn_in, draws, thin)):
         run["steps_per_chain"] = burn_in + draws * thin
@@ -347,6 +348,24 @@ def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
         if key in attrs:
             run[key] = attrs[key]
     return run
+
+
+def _kept_shape(trace: Any) -> dict[str, int]:
+    """Chains and draws as the trace's arrays hold them, not as its attributes claim.
+
+    A trace merged from several processes (``az.concat`` over chains) keeps the attributes of
+    its first part; the arrays are the truth. With ``draws_kept`` recorded per chain, ``draws``
+    is the most any chain kept.
+    """
+    for name in ("sample_stats", "posterior", "predictions"):
+        group = _trace.get_group(trace, name)
+        if group is not None and "chain" in group.sizes and "draw" in group.sizes:
+            shape = {"chains": int(group.sizes["chain"]), "draws": int(group.sizes["draw"])}
+            kept = _trace.trace_attrs(trace).get("draws_kept")
+            if isinstance(kept, list) and len(kept) == shape["chains"] and kept:
+                shape["draws"] = int(max(kept))
+            return shape
+    return {}
 
 
 def _ensemble_info(kind: str, ens: Ensemble) -> dict[str, Any]:

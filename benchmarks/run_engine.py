@@ -11,8 +11,10 @@ What is measured
 ``executors``
     Wall time of ``bayesflat.sample`` on the digits MLP (fSGLD, 1000 steps and 50 draws per
     chain, one torch thread per process) for 1, 2, 4 and 8 chains: ``sequential``,
-    ``processes`` (``workers=2``, process start-up included) and ``distributed`` (two gloo
-    ranks on 127.0.0.1, chain-parallel, timed on rank 0 from after the process group is up).
+    ``processes`` (``workers=2``, process start-up included), ``distributed`` (two gloo
+    ranks on 127.0.0.1, chain-parallel, timed on rank 0 from after the process group is up)
+    and ``vectorised`` (all chains as one batched forward and backward in one process, with
+    one and with two torch threads).
     Candidates are interleaved round by round; the table gives medians and the ratio to one
     sequential chain.
 ``memory``
@@ -105,6 +107,16 @@ def _distributed(chains: int, quick: bool) -> float:
         return float(out.read_text())
 
 
+def _threads(n: int, fn: Any, *args: Any, **kw: Any) -> Any:
+    """Call ``fn`` with ``n`` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn(*args, **kw)
+    finally:
+        torch.set_num_threads(before)
+
+
 def executors(quick: bool) -> dict[str, Any]:
     counts = [2] if quick else [1, 2, 4, 8]
     rounds = 1 if quick else 3
@@ -113,6 +125,8 @@ def executors(quick: bool) -> dict[str, Any]:
         "sequential": lambda c: _sample(c, quick),
         "processes": lambda c: _sample(c, quick, workers=2),
         "distributed": lambda c: _distributed(c, quick),
+        "vectorised": lambda c: _sample(c, quick, executor="vectorised"),
+        "vectorised, 2 threads": lambda c: _threads(2, _sample, c, quick, executor="vectorised"),
     }
     walls: dict[str, dict[int, list[float]]] = {k: {c: [] for c in counts} for k in runs}
     for _ in range(rounds):
@@ -256,7 +270,8 @@ def _markdown(results: dict[str, Any]) -> str:
         f"Median of {ex['rounds']} interleaved rounds; in brackets the ratio to the wall of one "
         "sequential chain. `processes` and `distributed` use two processes on the 2 cores and "
         "include their start-up (`processes`) or the part after the process group is up "
-        "(`distributed`).",
+        "(`distributed`). `vectorised` runs every chain in one process as one batched forward "
+        "and backward; `vectorised, 2 threads` lets that process use both cores.",
         "",
         "## Peak memory against draws (`bayesflat run`, weights stored)",
         "",

@@ -142,7 +142,13 @@ def test_run_engine_quick_run_writes_its_tables(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     module = importlib.import_module("run_engine")
     results = module.run(tmp_path, quick=True)
-    assert set(results["executors"]["median_s"]) == {"sequential", "processes", "distributed"}
+    assert set(results["executors"]["median_s"]) == {
+        "sequential",
+        "processes",
+        "distributed",
+        "vectorised",
+        "vectorised, 2 threads",
+    }
     text = (tmp_path / "run_engine.md").read_text()
     for part in (
         "## Chains against wall time",

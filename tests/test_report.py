@@ -33,7 +33,9 @@ def sampled():
     return trace, report.build_report(trace, n_boot=20)
 
 
-def _synthetic(*, chains=3, draws=4, sampler="sgld", val=True, ood=True, temperature=1.0):
+def _synthetic(
+    *, chains=3, draws=4, sampler="sgld", val=True, ood=True, temperature=1.0, claimed=None
+):
     rng = np.random.default_rng(0)
     n, k = 50, 4
     labels = rng.integers(0, k, n)
@@ -254,3 +256,13 @@ def test_report_carries_the_diagnostics_table(sampled):
     html = rep.to_html()
     assert 'id="diagnostics"' in html and 'href="#diagnostics"' in html
     assert "R-hat" in html
+
+
+def test_report_counts_chains_and_draws_from_the_arrays():
+    # A trace merged from one-chain runs keeps the first part's attributes (chains=1, draws=1
+    # here); the report must count what the arrays hold.
+    trace = _synthetic(chains=3, draws=4, claimed=1)
+    rep = report.build_report(trace, n_boot=20)
+    assert rep.summary["run"]["chains"] == 3
+    assert rep.summary["run"]["draws"] == 4
+    assert rep.summary["ensemble"]["chains"] == 3
