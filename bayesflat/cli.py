@@ -95,6 +95,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="run the chains in this many local processes (one torch thread each)",
     )  # fmt: skip
     p.add_argument(
+        "--executor", default="auto",
+        choices=("auto", "sequential", "processes", "vectorised"),
+        help="where the chains run (default auto: processes when --workers > 1, the ranks "
+        "under torchrun, else sequential); vectorised: all chains as one batched computation",
+    )  # fmt: skip
+    p.add_argument(
         "--checkpoint-every", type=int, default=None, metavar="K",
         help="checkpoint every K kept draws (default: about every 5 s)",
     )  # fmt: skip
@@ -271,7 +277,7 @@ def run_command(args: argparse.Namespace) -> int:
         say(f"bayesflat run: resuming {out_dir}")
         call: Any = lambda: bayesflat.resume(  # noqa: E731
             out_dir, progress=not args.no_progress, workers=args.workers,
-            checkpoint_every=args.checkpoint_every, parallel=args.parallel,
+            executor=args.executor, checkpoint_every=args.checkpoint_every, parallel=args.parallel,
             device=_device(args.device),
         )  # fmt: skip
     else:
@@ -280,8 +286,9 @@ def run_command(args: argparse.Namespace) -> int:
         say(f"bayesflat run: {args.sampler} on digits ({len(train[1])} train) -> {out_dir}")
         call = lambda: bayesflat.sample(  # noqa: E731
             model, train, eval_sets=eval_sets, progress=not args.no_progress, output=out_dir,
-            overwrite=args.force, workers=args.workers, checkpoint_every=args.checkpoint_every,
-            parallel=args.parallel, device=_device(args.device),
+            overwrite=args.force, workers=args.workers, executor=args.executor,
+            checkpoint_every=args.checkpoint_every, parallel=args.parallel,
+            device=_device(args.device),
             recipe={"rebuild": "bayesflat.cli:rebuild_run", "args": settings}, **kwargs,
         )  # fmt: skip
     try:

@@ -457,3 +457,43 @@ def test_vectorised_refuses_dropout():
     x, y = _toy()
     with pytest.raises(ValueError, match="dropout"):
         bayesflat.sample(_model(dropout=0.2), (x, y), executor="vectorised", **_kwargs())
+
+
+def test_vectorised_run_interrupted_and_resumed_equals_the_straight_run(tmp_path):
+    x, y = _toy()
+    kw = _kwargs(sampler="fsgld", executor="vectorised")
+    straight = bayesflat.sample(_model(), (x, y), stats_fns={"probe": _zero}, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        bayesflat.sample(
+            _model(), (x, y), stats_fns={"probe": _InterruptAt(9)}, output=tmp_path,
+            checkpoint_every=2, **kw,
+        )  # fmt: skip
+    assert not (tmp_path / "trace.nc").exists()
+    resumed = bayesflat.resume(
+        tmp_path, _model(), (x, y), eval_sets=EVAL, stats_fns={"probe": _zero}, progress=False,
+        executor="vectorised",
+    )  # fmt: skip
+    assert btrace.trace_attrs(resumed)["draws_kept"] == [12, 12]
+    ga, gb = btrace.groups(straight), btrace.groups(resumed)
+    for group in ("weights", "posterior", "predictions"):
+        for name in ga[group].data_vars:
+            np.testing.assert_allclose(gb[group][name].values, ga[group][name].values,
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_cli_runs_the_chains_vectorised(tmp_path):
+    from bayesflat import cli
+
+    args = ["--burn-in", "10", "--thin", "2", "--draws", "3", "--chains", "2", "--no-report",
+            "--no-progress"]  # fmt: skip
+    assert (
+        cli.main(["run", "--output", str(tmp_path / "v"), "--executor", "vectorised", *args]) == 0
+    )
+    assert cli.main(["run", "--output", str(tmp_path / "s"), *args]) == 0
+    ga, gb = (
+        btrace.groups(bayesflat.load(tmp_path / "s")),
+        btrace.groups(bayesflat.load(tmp_path / "v")),
+    )
+    for name in ga["posterior"].data_vars:
+        np.testing.assert_allclose(gb["posterior"][name].values, ga["posterior"][name].values,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip

@@ -471,11 +471,17 @@ def _check_sampler_options(spec: RunSpec) -> None:
 def _choose_executor(executor: str, workers: int) -> str:
     check_choice(executor, "executor", EXECUTORS)
     check_int(workers, "workers", 1, 1024)
+    ranks = _distributed.world_size()
+    if ranks > 1 and executor not in ("auto", "distributed"):
+        raise ValueError(
+            f"executor={executor!r} cannot run under a process group of {ranks} ranks: the "
+            "ranks divide the chains among themselves; use executor='auto' or 'distributed'"
+        )
     if executor != "auto":
         if executor == "processes" and workers < 2:
             raise ValueError("executor='processes' needs workers >= 2")
         return executor
-    if _distributed.world_size() > 1:
+    if ranks > 1:
         return "distributed"
     return "processes" if workers > 1 else "sequential"
 
