@@ -35,6 +35,7 @@ import numpy as np
 from bayesflat import metrics, predictive
 from bayesflat import trace as _trace
 from bayesflat.diagnostics.report import diagnose
+from bayesflat.diagnostics.verdict import trace_verdict, verdict_html, verdict_text
 from bayesflat.predictive import Ensemble, Estimate
 
 __all__ = [
@@ -219,6 +220,7 @@ def build_report(
     summary: dict[str, Any] = {
         "format": FORMAT,
         "title": _title(attrs),
+        "verdict": None,
         "run": _run_settings(attrs, trace),
         "ensemble": _ensemble_info(kind, test_ens),
         "mc_error": _mc_info(kind, method, n_boot, seed, test_ens.chains),
@@ -263,6 +265,7 @@ def build_report(
         }
     diagnosis = diagnose(trace)
     summary["diagnostics"] = diagnosis.to_dict()
+    summary["verdict"] = trace_verdict(trace, diagnosis=diagnosis).to_dict()
     report = Report(summary=_clean(summary), diagnostics_html=diagnosis.to_html())
     if figures:
         _draw_figures(report, trace, test_ens, ood_ens, raw_p, scaled_p, labels, kind)
@@ -537,7 +540,9 @@ def headline_table(summary: Mapping[str, Any]) -> str:
     Returns
     -------
     str
-        A title line, a table (raw and temperature-scaled columns) and the error method.
+        A title line, a table (raw and temperature-scaled columns), the error method and, when
+        the summary holds one, the verdict (:mod:`bayesflat.diagnostics.verdict`): a
+        ``FAIL:`` or ``WARNING:`` line with the worst finding, or ``verdict: pass``.
     """
     test = summary["test"]
     scaling = test.get("temperature_scaling")
@@ -563,7 +568,10 @@ def headline_table(summary: Mapping[str, Any]) -> str:
         f"{'BMA of all draws' if ens['kind'] == 'bma' else 'final iterate per run'}"
     )
     note = f"value ± Monte-Carlo error ({summary['mc_error']['description']})"
-    return "\n".join([title, _text_table(header, rows), note])
+    lines = [title, _text_table(header, rows), note]
+    if summary.get("verdict"):
+        lines.append(verdict_text(summary["verdict"]))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -883,6 +891,7 @@ def _render_report(report: Report) -> str:
         f'<p class="subtitle">{_esc(ens["description"])}. Created '
         f"{_esc(_when(run.get('created_at', '')))} with bayesflat "
         f"{_esc(run.get('bayesflat_version', ''))}.</p>",
+        verdict_html(s["verdict"]) if s.get("verdict") else "",
         '<nav><a href="#summary">Summary</a><a href="#settings">Run settings</a>'
         '<a href="#calibration">Calibration</a><a href="#uncertainty">Uncertainty</a>'
         '<a href="#ood">OOD detection</a><a href="#draws">Draws</a>'
