@@ -155,7 +155,7 @@ def build_report(
     val: str | None = "val",
     ood: Sequence[str] | None = None,
     ensemble: str = "auto",
-    method: str = "bootstrap",
+    method: str = "batch",
     n_boot: int = 200,
     seed: int = 0,
     n_bins: int = 15,
@@ -180,8 +180,11 @@ def build_report(
         chain as an independent point estimate (mean over chains ± standard error).
         ``"auto"``: ``"final"`` for an optimiser (a registry entry that is not a sampler) or a
         run at ``T = 0``, ``"bma"`` otherwise.
-    method : {"bootstrap", "spread"}, default "bootstrap"
+    method : {"batch", "bootstrap", "spread"}, default "batch"
         Monte-Carlo error of the BMA metrics (:func:`bayesflat.predictive.estimate`).
+        ``"batch"``: jackknife over batches of consecutive draws, with the batch length from
+        the autocorrelation time of the per-draw test NLL (:func:`bayesflat.predictive.
+        batch_length`), so the error accounts for autocorrelation within chains.
     n_boot : int, default 200
         Bootstrap replicates.
     seed : int, default 0
@@ -215,6 +218,8 @@ def build_report(
     val_ens = predictive.from_trace(trace, val) if val else None
     ood_ens = {name: predictive.from_trace(trace, name) for name in ood}
     options = {"ensemble": kind, "method": method, "n_boot": n_boot, "seed": seed}
+    mc_info = _mc_info(kind, method, n_boot, seed, test_ens)
+    options["batch_size"] = mc_info.get("batch_size")
 
     cal = predictive.calibration(test_ens, val_ens, n_bins=n_bins, **options)
     summary: dict[str, Any] = {
@@ -223,7 +228,7 @@ def build_report(
         "verdict": None,
         "run": _run_settings(attrs, trace),
         "ensemble": _ensemble_info(kind, test_ens),
-        "mc_error": _mc_info(kind, method, n_boot, seed, test_ens.chains),
+        "mc_error": mc_info,
         "test": {
             "set": test,
             "n": test_ens.size,
@@ -366,7 +371,56 @@ def _ensemble_info(kind: str, ens: Ensemble) -> dict[str, Any]:
     return {"kind": kind, "chains": ens.chains, "draws": ens.draws, "description": text}
 
 
-def _mc_info(kind: str, method: str, n_boot: int, seed: int, chains: int) -> dict[str, Any]:
+_FEW_CHAINS = 4
+"""Below this many chains a Monte-Carlo error is flagged: nothing checks that the chains agree."""
+
+
+def _mc_info(kind: str, method: str, n_boot: int, seed: int, ens: Ensemble) -> dict[str, Any]:
+    info = _mc_method_info(kind, method, n_boot, seed, ens)
+    info["chains"] = ens.chains
+    info["few_chains"] = ens.chains < _FEW_CHAINS
+    if info["few_chains"] and not info["description"].startswith("none"):
+        info["description"] += (
+            f"; rests on {ens.chains} chain{'s' if ens.chains != 1 else ''} (fewer than "
+            f"{_FEW_CHAINS}): it cannot include the spread between modes that other chains "
+            "would find, so read it as a lower bound"
+        )
+    return info
+
+
+def _mc_method_info(
+    kind: str, method: str, n_boot: int, seed: int, ens: Ensemble
+) -> dict[str, Any]:
+    chains = ens.chains
+    if kind == "bma" and method == "batch":
+        from bayesflat.diagnostics.convergence import nll_per_draw
+
+        length, tau = predictive.batch_length(nll_per_draw(ens.probs, ens.labels))
+        batches = chains * (ens.draws // length)
+        if batches < 2:
+            text = "none: a batch jackknife needs at least two batches"
+            return {"method": "batch", "batch_size": length, "batches": batches,
+                    "autocorrelation_time": tau, "description": text}  # fmt: skip
+        tau_text = f"{tau:.1f}" if math.isfinite(tau) else "unknown"
+        span = (
+            f"the batch spans at least the autocorrelation time of the per-draw test NLL, "
+            f"{tau_text} draws, so the error accounts for autocorrelation within chains"
+        )
+        if math.isfinite(tau) and tau > length:
+            span = (
+                f"the autocorrelation time of the per-draw test NLL, {tau_text} draws, exceeds "
+                "even whole chains, so the error is underestimated"
+            )
+        return {
+            "method": "batch",
+            "batch_size": length,
+            "batches": batches,
+            "autocorrelation_time": tau,
+            "description": (
+                f"jackknife over {batches} batches of {length} consecutive draws "
+                f"({ens.draws // length} per chain; {span})"
+            ),
+        }
     if kind == "final" or method == "spread":
         if chains < 2:
             text = "none: a Monte-Carlo error needs at least two chains"
@@ -952,7 +1006,7 @@ def _render_report(report: Report) -> str:
         caption = (
             "Temperature scaling: T fitted by minimising the NLL on the "
             f"{_esc(scaling['fitted_on'])} set (n = {scaling['n_val']}, held out from "
-            f"training), then applied to the {_esc(test['set'])} set; each bootstrap "
+            f"training), then applied to the {_esc(test['set'])} set; each Monte-Carlo "
             f"replicate refits T. ECE and MCE use {test['reliability']['n_bins']} "
             "equal-width confidence bins; MCE, the largest gap of any non-empty bin, is driven "
             "by bins that hold few inputs (see the counts below the reliability diagram)."
