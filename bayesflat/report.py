@@ -268,6 +268,7 @@ def build_report(
                 s: {m: e.to_dict() for m, e in table.items()} for s, table in scores.items()
             },
         }
+    summary["predictive_density"] = _predictive_density(trace)
     diagnosis = diagnose(trace)
     summary["diagnostics"] = diagnosis.to_dict()
     summary["verdict"] = trace_verdict(trace, diagnosis=diagnosis).to_dict()
@@ -446,6 +447,65 @@ def _curve_dict(curve: metrics.ReliabilityCurve) -> dict[str, list]:
         "accuracy": curve.accuracy.tolist(),
         "count": [int(c) for c in curve.count],
     }
+
+
+def _predictive_density(trace: Any) -> dict[str, Any]:
+    r"""PSIS-LOO on the training points and the log predictive density of held-out sets.
+
+    ``elpd_loo`` is ``az.loo(trace)``: the expected log predictive density of a new point,
+    estimated by leaving out each training point of the ``log_likelihood`` group in turn (nats,
+    summed over the points; ``per_point`` divides by their number). The held-out sets need no
+    leaving out: their log pointwise predictive density is computed directly from the
+    ``heldout_log_likelihood`` group,
+
+    .. math:: \mathrm{lppd} = \sum_{i=1}^{n} \log \frac{1}{S} \sum_{s=1}^{S}
+              p(y_i \mid x_i, \theta_s) ,
+
+    and its mean over the points is minus the NLL of the BMA. The per-point numbers estimate
+    the same quantity when the held-out set is drawn like the training set.
+    """
+    import warnings
+
+    import arviz as az
+    from scipy.special import logsumexp
+
+    out: dict[str, Any] = {"elpd_loo": None, "heldout": {}}
+    train = _trace.get_group(trace, "log_likelihood")
+    if train is not None and train.data_vars:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                loo = az.loo(trace)
+            except (ValueError, TypeError, KeyError):
+                loo = None
+        if loo is not None:
+            elpd = float(getattr(loo, "elpd_loo", getattr(loo, "elpd", math.nan)))
+            n = int(loo.n_data_points)
+            k = np.asarray(loo.pareto_k).ravel()
+            out["elpd_loo"] = {
+                "value": elpd,
+                "se": float(loo.se),
+                "p_loo": float(getattr(loo, "p_loo", getattr(loo, "p", math.nan))),
+                "n": n,
+                "per_point": elpd / n,
+                "pareto_k_above_0.7": int(np.sum(k > 0.7)),
+                "data": "training points (log_likelihood group)",
+            }
+    held = _trace.get_group(trace, "heldout_log_likelihood")
+    if held is not None:
+        for name in held.data_vars:
+            ll = held[name].transpose("chain", "draw", ...).values.astype(np.float64)
+            ll = ll.reshape(-1, ll.shape[-1])
+            ll = ll[np.all(np.isfinite(ll), axis=1)]
+            if not ll.size:
+                continue
+            pointwise = logsumexp(ll, axis=0) - math.log(ll.shape[0])
+            out["heldout"][str(name)] = {
+                "lppd": float(pointwise.sum()),
+                "n": int(pointwise.size),
+                "per_point": float(pointwise.mean()),
+            }
+    return out
 
 
 def _pooled_predictions(
@@ -815,7 +875,7 @@ def _trace_figure(report: Report, trace: Any) -> None:
     keys = [k for k in ("lp", "step_size") if k in stats]
     if not keys:
         return
-    labels = {"lp": "potential L_B (lp)", "step_size": "step size (lr)"}
+    labels = {"lp": "log joint density lp = -N L_B (nats)", "step_size": "step size (lr)"}
     fig = _new_figure(5.2 * len(keys), 3.2)
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     step = stats["step"].values if "step" in stats else None
@@ -829,9 +889,10 @@ def _trace_figure(report: Report, trace: Any) -> None:
             ax.legend(fontsize=7, frameon=False)
     report.figures["trace"] = _png(fig)
     report.captions["trace"] = (
-        "Trace plots per chain at the kept draws: the minibatch potential L_B in mean-loss units "
-        "(sample_stats lp) and the step size (equal step sizes overlap). Chains that mix "
-        "overlap; a potential that still drifts means the burn-in was too short."
+        "Trace plots per chain at the kept draws: the log joint density estimated on the "
+        "minibatch, lp = -N L_B in nats (ArviZ's sample_stats lp), and the step size (equal "
+        "step sizes overlap). Chains that mix overlap; an lp that still drifts means the burn-in "
+        "was too short."
     )
 
 
@@ -930,6 +991,28 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _density_html(density: Mapping[str, Any] | None) -> str:
+    if not density or (density.get("elpd_loo") is None and not density.get("heldout")):
+        return ""
+    rows = []
+    loo = density.get("elpd_loo")
+    if loo is not None:
+        rows.append([
+            f"elpd_loo, training points (PSIS-LOO, {loo['pareto_k_above_0.7']} with k > 0.7)",
+            str(loo["n"]), f"{loo['value']:.2f} ± {loo['se']:.2f}", f"{loo['per_point']:.4f}",
+        ])  # fmt: skip
+    for name, block in density.get("heldout", {}).items():
+        rows.append([f"lppd, held-out set {name}", str(block["n"]), f"{block['lppd']:.2f}",
+                     f"{block['per_point']:.4f}"])  # fmt: skip
+    return _html_table(
+        ["log predictive density (nats)", "n", "total", "per point"], rows,
+        "elpd_loo leaves out each training point in turn (az.loo on the log_likelihood group); "
+        "lppd is the log of the BMA's probability of each held-out label, summed "
+        "(per point: minus the BMA's NLL). On held-out data drawn like the training data the "
+        "per-point numbers estimate the same quantity; ± is the standard error over points.",
+    )  # fmt: skip
+
+
 def _render_report(report: Report) -> str:
     s = report.summary
     test = s["test"]
@@ -978,6 +1061,7 @@ def _render_report(report: Report) -> str:
         rows.append([f"AUROC, {name} ({SCORE_LABELS[HEADLINE_SCORE]})",
                      _fmt(block["scores"][HEADLINE_SCORE]["auroc"])])  # fmt: skip
     parts.append(_html_table(["headline", f"{test['set']} set"], rows))
+    parts.append(_density_html(s.get("predictive_density")))
 
     parts.append('<h2 id="settings">Run settings</h2>')
     items = [(k, _when(v) if k == "created_at" else _setting_text(v)) for k, v in run.items()]
