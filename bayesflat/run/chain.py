@@ -103,7 +103,31 @@ class _Recorder:
         out["posterior"] = posterior
         with _eval_mode(module), torch.no_grad():
             out.update(self._predictions(chain, draw))
+        # float 0/1 through the sinks; the trace schema stores it as bool
+        out["sample_stats"]["diverging"] = np.float64(bool(self._diverging(stats, out)))
         return {group: data for group, data in out.items() if data}
+
+    def _diverging(self, stats: dict[str, Any], out: Record) -> list[str]:
+        """Reasons the draw diverges (:mod:`bayesflat.diagnostics.divergence`)."""
+        from bayesflat.diagnostics.divergence import diverging_reasons
+
+        target = self.target
+        rms: dict[str, float] = {}
+        scales: dict[str, float] = {}
+        scale_for = getattr(getattr(target, "prior", None), "scale_for", None)
+        if self.spec.target.kind == "module" and scale_for is not None:
+            for name, p in target.module.named_parameters():
+                if p.requires_grad and p.numel():
+                    rms[name] = float(torch.linalg.vector_norm(p.detach())) / math.sqrt(p.numel())
+                    scales[name] = float(scale_for(name))
+        train_ll = out.get("log_likelihood", {}).get("train")
+        labels = None
+        if train_ll is not None and getattr(target, "categorical", False):
+            labels = self.loo_y.detach().cpu().numpy()
+        return diverging_reasons(
+            potential=float(stats["potential"]), weight_rms=rms, prior_scales=scales,
+            train_log_likelihood=train_ll if labels is not None else None, train_labels=labels,
+        )  # fmt: skip
 
     def _weights(self, module: nn.Module) -> dict[str, np.ndarray]:
         store = self.spec.store_weights
