@@ -349,6 +349,12 @@ def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
         used = np.asarray(stats["sigma"].values, dtype=np.float64)
         if np.isfinite(used).any():
             run["sigma_used"] = float(np.nanmean(used))
+    coupling = _sigma_vs_prior(attrs, run.get("sigma_used"))
+    if coupling is not None:
+        keys = list(run)
+        at = keys.index("prior_scale") + 1 if "prior_scale" in keys else len(keys)
+        run = {**dict(list(run.items())[:at]), "sigma_vs_prior_std": coupling,
+               **dict(list(run.items())[at:])}  # fmt: skip
     run["complete"] = attrs.get("complete", True)
     if not run["complete"]:
         run["stop_reason"] = attrs.get("stop_reason", "")
@@ -356,6 +362,31 @@ def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
         if key in attrs:
             run[key] = attrs[key]
     return run
+
+
+def _sigma_vs_prior(attrs: Mapping[str, Any], sigma_used: Any) -> dict[str, Any] | None:
+    """The perturbation scale beside the smallest Gaussian prior std (both parameter units)."""
+    sigma = attrs.get("sigma")
+    if not isinstance(sigma, int | float) or isinstance(sigma, bool):
+        sigma = sigma_used
+    scale = attrs.get("prior_scale")
+    if not isinstance(sigma, int | float) or not isinstance(scale, int | float) or sigma <= 0:
+        return None
+    if attrs.get("filter_normalised") or attrs.get("prior") != "gaussian":
+        return None
+    scales = [float(scale)]
+    per_layer = attrs.get("prior_scales")
+    if isinstance(per_layer, Mapping):
+        scales += [float(v) for v in per_layer.values() if isinstance(v, int | float)]
+    smallest = min(scales)
+    return {
+        "sigma": float(sigma),
+        "smallest_prior_std": smallest,
+        "ratio": float(sigma) / smallest,
+        "note": "sigma above the prior std: the perturbation reaches beyond the prior's spread"
+        if sigma > smallest
+        else "sigma below every prior std",
+    }
 
 
 def _ensemble_info(kind: str, ens: Ensemble) -> dict[str, Any]:
