@@ -322,10 +322,14 @@ def _title(attrs: Mapping[str, Any]) -> str:
     return f"{sampler} on {model}" if model else str(sampler)
 
 
+_GRADIENTS_PER_STEP = {"plain": 1, "sharpness_aware": 2, "randomly_smoothed_perturbation": 2}
+"""Closure evaluations per step of estimators whose count does not depend on their settings."""
+
+
 def _gradients_per_step(attrs: Mapping[str, Any]) -> int | None:
     estimator = attrs.get("estimator")
-    if estimator == "plain":
-        return 1
+    if estimator in _GRADIENTS_PER_STEP:
+        return _GRADIENTS_PER_STEP[str(estimator)]
     if "num_perturbations" in attrs:
         per_step = int(attrs["num_perturbations"]) * (2 if attrs.get("antithetic") else 1)
         clean = attrs.get("clean_weight")
@@ -339,8 +343,10 @@ def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
         {k: v for k, v in attrs.items() if k not in run and k not in _HIDDEN_KEYS and v != {}}
     )
     burn_in, draws, thin = attrs.get("burn_in"), attrs.get("draws"), attrs.get("thin")
-    if all(isinstance(v, int) for v in (burn_in, draws, thin)):
-        run["steps_per_chain"] = burn_in + draws * thin
+    planned = attrs.get("planned_steps")
+    if isinstance(planned, int) or all(isinstance(v, int) for v in (burn_in, draws, thin)):
+        # planned_steps counts the exploration phases of cyclical samplers too
+        run["steps_per_chain"] = planned if isinstance(planned, int) else burn_in + draws * thin
         per_step = _gradients_per_step(attrs)
         if per_step is not None:
             run["gradient_evaluations_per_chain"] = run["steps_per_chain"] * per_step
@@ -1257,7 +1263,10 @@ class Comparison:
     ----------
     summary : dict
         ``{"format", "runs": [{"name", "sampler", "ensemble", "metrics", "scaled", "temperature",
-        "ood_auroc"}], "ood_sets", "ood_score"}``; metrics as ``{"value", "mc_error"}``.
+        "ood_auroc", "steps_per_chain", "gradient_evaluations_per_chain", "verdict"}],
+        "ood_sets", "ood_score", "budget_warning"}``; metrics as ``{"value", "mc_error"}``;
+        ``budget_warning`` is a sentence when the runs' gradient evaluations per chain differ by
+        more than 10 % (:data:`BUDGET_TOLERANCE`), else None.
     figure : bytes
         PNG of the combined reliability diagram.
     """
@@ -1268,28 +1277,36 @@ class Comparison:
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the comparison table (value ± MC error)."""
         sets = self.summary["ood_sets"]
-        header = ["run", "sampler", "estimate", "accuracy", "NLL", "ECE", "NLL (T-scaled)",
-                  "ECE (T-scaled)", *(f"AUROC {name}" for name in sets)]  # fmt: skip
+        header = ["run", "sampler", "estimate", "verdict", "grad. evals/chain", "accuracy", "NLL",
+                  "ECE", "NLL (T-scaled)", "ECE (T-scaled)",
+                  *(f"AUROC {name}" for name in sets)]  # fmt: skip
         rows = []
         for run in self.summary["runs"]:
             scaled = run["scaled"] or {}
+            evals = run.get("gradient_evaluations_per_chain")
             rows.append([
-                run["name"], str(run["sampler"]), run["ensemble"],
+                run["name"], str(run["sampler"]), run["ensemble"], str(run.get("verdict") or "-"),
+                f"{evals:,}" if isinstance(evals, int) else "n/a",
                 _fmt(run["metrics"]["accuracy"]), _fmt(run["metrics"]["nll"]),
                 _fmt(run["metrics"]["ece"]), _fmt(scaled.get("nll")), _fmt(scaled.get("ece")),
                 *(_fmt(run["ood_auroc"].get(name)) for name in sets),
             ])  # fmt: skip
         return header, rows
 
-    def table(self) -> str:
-        """The comparison as a text table."""
-        header, rows = self.rows()
-        note = (
+    def _note(self) -> str:
+        return (
             f"value ± Monte-Carlo error; AUROC of the {SCORE_LABELS[self.summary['ood_score']]} "
             "score; bma = model average of all draws, final = final iterate per run (mean over "
-            "runs)"
+            "runs); grad. evals/chain: closure evaluations per chain, burn-in and exploration "
+            "included"
         )
-        return _text_table(header, rows, numeric_from=3) + "\n" + note
+
+    def table(self) -> str:
+        """The comparison as a text table, then a warning line when the budgets differ."""
+        header, rows = self.rows()
+        text = _text_table(header, rows, numeric_from=4) + "\n" + self._note()
+        warning = self.summary.get("budget_warning")
+        return text + (f"\nWARNING: {warning}" if warning else "")
 
     def to_json(self) -> str:
         """``summary`` as indented JSON."""
@@ -1311,7 +1328,8 @@ class Comparison:
             f'<p class="subtitle">{len(self.summary["runs"])} runs on the same test set.</p>',
             '<p class="note">Every number is <b>value ± Monte-Carlo error</b> over the '
             "posterior draws (or over independent runs for point estimates).</p>",
-            _html_table(header, rows, _esc(self.table().splitlines()[-1]), numeric_from=3),
+            _budget_html(self.summary.get("budget_warning")),
+            _html_table(header, rows, _esc(self._note()), numeric_from=4),
             f"<h2>Runs</h2><ul>{runs}</ul>",
             "<h2>Reliability</h2>",
             f'<figure><img alt="reliability" src="data:image/png;base64,{data}">'
@@ -1380,10 +1398,48 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> Comparison:
             "temperature": scaling["temperature"] if scaling else None,
             "ood_auroc": ood,
             "reliability": test["reliability"],
+            "steps_per_chain": summary.get("run", {}).get("steps_per_chain"),
+            "gradient_evaluations_per_chain": summary.get("run", {}).get(
+                "gradient_evaluations_per_chain"
+            ),
+            "verdict": (summary.get("verdict") or {}).get("status"),
         })  # fmt: skip
     summary = {"format": "bayesflat-comparison/1", "ood_score": HEADLINE_SCORE,
-               "ood_sets": sets, "runs": entries}  # fmt: skip
+               "ood_sets": sets, "runs": entries,
+               "budget_warning": _budget_warning(entries)}  # fmt: skip
     return Comparison(summary=_clean(summary), figure=_comparison_figure(entries))
+
+
+BUDGET_TOLERANCE = 0.10
+"""Relative difference in gradient evaluations per chain above which :func:`compare` warns."""
+
+
+def _budget_html(warning: str | None) -> str:
+    if not warning:
+        return ""
+    return (
+        f'<p class="note" style="border-left-color: #b35900"><b>Warning:</b> {_esc(warning)}.</p>'
+    )
+
+
+def _budget_warning(entries: Sequence[Mapping[str, Any]]) -> str | None:
+    """A warning when the runs' gradient evaluations per chain differ by more than 10 %."""
+    known = {e["name"]: e["gradient_evaluations_per_chain"] for e in entries}
+    missing = [name for name, v in known.items() if not isinstance(v, int | float)]
+    values = {name: float(v) for name, v in known.items() if name not in missing}
+    parts = []
+    if len(values) >= 2:
+        low, high = min(values.values()), max(values.values())
+        if high > (1.0 + BUDGET_TOLERANCE) * low:
+            parts.append(
+                f"the runs differ in budget: {high / low:.2f}x as many gradient evaluations per "
+                f"chain in {max(values, key=values.__getitem__)} ({high:.0f}) as in "
+                f"{min(values, key=values.__getitem__)} ({low:.0f}); compare them at equal "
+                f"budgets (within {BUDGET_TOLERANCE:.0%})"
+            )
+    if missing and len(entries) > 1:
+        parts.append(f"unknown gradient evaluations per chain for {', '.join(missing)}")
+    return "; ".join(parts) or None
 
 
 def _comparison_figure(entries: Sequence[Mapping[str, Any]]) -> bytes:
