@@ -128,8 +128,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def add_report_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that writes a report."""
     p.add_argument(
+        "--mc-error", default="batch", choices=("batch", "bootstrap", "spread"),
+        help="Monte-Carlo error of the BMA metrics: jackknife over batches of consecutive draws "
+        "(default; accounts for autocorrelation), bootstrap over chains, or spread of chains",
+    )  # fmt: skip
+    p.add_argument(
         "--replicates", type=int, default=200, metavar="N",
-        help="bootstrap replicates of the Monte-Carlo errors (default 200)",
+        help="bootstrap replicates with --mc-error bootstrap (default 200)",
     )  # fmt: skip
     p.add_argument(
         "--ensemble", default="auto", choices=("auto", "bma", "final"),
@@ -141,7 +146,7 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
 def _report_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.replicates < 2:
         raise CLIError(f"--replicates must be at least 2, got {args.replicates}")
-    return {"n_boot": args.replicates, "ensemble": args.ensemble}
+    return {"n_boot": args.replicates, "ensemble": args.ensemble, "method": args.mc_error}
 
 
 _RECIPE_KEYS = (

@@ -15,8 +15,9 @@ the calibration and OOD-detection metrics of :mod:`bayesflat.metrics`.
 
 Two ways of averaging, the ``ensemble`` argument of the metric functions:
 
-- ``"bma"``: the metric of the BMA of all draws; its Monte-Carlo error comes from resampling
-  chains (or draws, with one chain), see :func:`estimate`;
+- ``"bma"``: the metric of the BMA of all draws; its Monte-Carlo error comes from a jackknife
+  over batches of consecutive draws, which accounts for autocorrelation within chains, see
+  :func:`estimate`;
 - ``"final"``: a point estimate per chain (the last draw of each chain, e.g. the final iterate
   of an optimiser run); the metric is computed for each chain separately and reported as the
   mean over chains with the standard error of that mean.
@@ -47,6 +48,7 @@ __all__ = [
     "Ensemble",
     "Estimate",
     "Uncertainty",
+    "batch_length",
     "bma",
     "calibration",
     "chain_bma",
@@ -64,7 +66,7 @@ __all__ = [
 ENSEMBLES = ("bma", "final")
 """Ways of turning the draws into a prediction: BMA of all draws, or the last draw per chain."""
 
-MC_METHODS = ("bootstrap", "spread")
+MC_METHODS = ("batch", "bootstrap", "spread")
 """Monte-Carlo error estimators of :func:`estimate`."""
 
 CALIBRATION_METRICS = ("accuracy", "nll", "brier_score", "ece", "mce")
@@ -585,9 +587,10 @@ def estimate(
     fn: Callable[[dict[str, np.ndarray]], Mapping[str, float]],
     *,
     ensemble: str = "bma",
-    method: str = "bootstrap",
+    method: str = "batch",
     n_boot: int = 200,
     seed: int = 0,
+    batch_size: int | None = None,
 ) -> dict[str, Estimate]:
     r"""Metrics of an ensemble with their Monte-Carlo errors over the posterior draws.
 
@@ -595,6 +598,24 @@ def estimate(
     energies...); ``fn`` maps their averages over draws to named metrics. With
     :math:`\bar F = \frac{1}{CD} \sum_{c,d} w_{cd} F^{(c,d)}` for multiplicities :math:`w`:
 
+    - ``ensemble="bma"``, ``method="batch"`` (the default): value :math:`f(\bar F)` with all
+      :math:`w = 1`; error from a jackknife over batches of consecutive draws. Each chain's last
+      :math:`bL` draws are cut into :math:`b = \lfloor D / L \rfloor` batches of :math:`L`
+      (``batch_size``, default :math:`\lfloor\sqrt D\rfloor`), :math:`K = Cb` batches in all;
+      :math:`f_{(-k)}` is the metric of the average of those draws without batch :math:`k`, and
+
+      .. math:: \mathrm{MCSE}^2 = \frac{K-1}{K} \sum_{k=1}^{K}
+                \big(f_{(-k)} - \bar f_{(\cdot)}\big)^2 .
+
+      For a mean (``f`` linear) this is exactly the batch-means standard error
+      :math:`\operatorname{sd}_k(m_k) / \sqrt K` of the batch means :math:`m_k`, which
+      accounts for the autocorrelation within chains once :math:`L` exceeds the
+      integrated autocorrelation time (its relative bias is about
+      :math:`-2\sum_{t \ge 1} t\rho_t / (L \sum_t \rho_t)`). Unlike the delta method
+      (MCSE of the per-draw influence :math:`\nabla f \cdot F^{(c,d)}` from its ESS), it also
+      serves metrics that are piecewise constant in :math:`\bar F` (accuracy, ECE, AUROC),
+      whose gradient vanishes almost everywhere; unlike a bootstrap over chains it has
+      :math:`K - 1` degrees of freedom rather than :math:`C - 1`. None when :math:`K < 2`;
     - ``ensemble="bma"``, ``method="bootstrap"``: value :math:`f(\bar F)` with all
       :math:`w = 1`; error the standard deviation (ddof = 1) of :math:`f(\bar F^{(b)})` over
       ``n_boot`` replicates that resample whole chains with replacement (with one chain: draws
@@ -617,11 +638,15 @@ def estimate(
         ``fn(averages) -> {metric: float}``; ``averages`` maps each feature name to its float64
         average over draws, shape ``(...)``.
     ensemble : {"bma", "final"}, default "bma"
-    method : {"bootstrap", "spread"}, default "bootstrap"
+    method : {"batch", "bootstrap", "spread"}, default "batch"
     n_boot : int, default 200
         Bootstrap replicates, >= 2.
     seed : int, default 0
         Seed of the bootstrap.
+    batch_size : int, optional
+        Draws per batch ``L`` of ``method="batch"``, in [1, D] (default
+        :math:`\lfloor\sqrt D\rfloor`); make it longer than the autocorrelation time of the
+        draws (:func:`batch_length` chooses it from the ESS of a per-draw functional).
 
     Returns
     -------
@@ -651,6 +676,8 @@ def estimate(
         per_chain = [evaluate({k: v[c, -1] for k, v in arrays.items()}) for c in range(n_chains)]
         return _mean_and_se(per_chain)
     value = evaluate({k: v.mean(axis=(0, 1)) for k, v in arrays.items()})
+    if method == "batch":
+        return _batch_jackknife(arrays, evaluate, value, batch_size)
     if method == "spread":
         per_chain = [
             evaluate({k: v[c].mean(axis=0) for k, v in arrays.items()}) for c in range(n_chains)
@@ -674,6 +701,90 @@ def estimate(
     return {
         key: Estimate(val, float(np.std(replicates[key], ddof=1))) for key, val in value.items()
     }
+
+
+def _batch_jackknife(
+    arrays: Mapping[str, np.ndarray],
+    evaluate: Callable[[dict[str, np.ndarray]], dict[str, float]],
+    value: Mapping[str, float],
+    batch_size: int | None,
+) -> dict[str, Estimate]:
+    """Delete-one-batch jackknife over batches of consecutive draws (see :func:`estimate`)."""
+    n_chains, n_draws = next(iter(arrays.values())).shape[:2]
+    length = math.isqrt(n_draws) if batch_size is None else batch_size
+    if isinstance(length, bool) or not isinstance(length, int | np.integer):
+        raise TypeError(f"batch_size must be an integer or None, got {batch_size!r}")
+    if not 1 <= length <= n_draws:
+        raise ValueError(f"batch_size must be in [1, {n_draws}] (draws per chain), got {length}")
+    per_chain = n_draws // length
+    n_batches = n_chains * per_chain
+    if n_batches < 2:
+        return {k: Estimate(v, None) for k, v in value.items()}
+    used = per_chain * length
+    sums = {
+        k: v[:, n_draws - used :]
+        .reshape(n_chains, per_chain, length, *v.shape[2:])
+        .sum(axis=2)
+        .reshape(n_batches, *v.shape[2:])
+        for k, v in arrays.items()
+    }
+    totals = {k: v.sum(axis=0) for k, v in sums.items()}
+    rest = n_chains * used - length
+    replicates: dict[str, list[float]] = {k: [] for k in value}
+    for b in range(n_batches):
+        metrics_b = evaluate({k: (totals[k] - sums[k][b]) / rest for k in sums})
+        for key, metric in metrics_b.items():
+            replicates[key].append(metric)
+    out = {}
+    for key, val in value.items():
+        reps = np.asarray(replicates[key])
+        var = (n_batches - 1) / n_batches * np.sum((reps - reps.mean()) ** 2)
+        out[key] = Estimate(val, float(np.sqrt(var)))
+    return out
+
+
+def batch_length(per_draw: Any, *, factor: float = 1.0) -> tuple[int, float]:
+    r"""Batch length for ``method="batch"`` from the autocorrelation of a per-draw functional.
+
+    The integrated autocorrelation time :math:`\tau = CD / \mathrm{ESS}_\mathrm{bulk}` of the
+    functional (``arviz.ess``, rank-normalised bulk ESS, in draws) sets the batch length
+
+    .. math:: L = \min\big(D,\ \max(\lfloor \sqrt D \rfloor,\ \lceil
+              \mathrm{factor} \cdot \tau \rceil)\big),
+
+    so batches are at least as long as :math:`\tau` (up to whole chains, which reduces the
+    jackknife to one over chains).
+
+    Parameters
+    ----------
+    per_draw : array, shape (chain, draw)
+        A scalar functional of each draw, e.g. the test NLL of each draw.
+    factor : float, default 1
+        Multiple of :math:`\tau` a batch must span.
+
+    Returns
+    -------
+    (L, tau)
+        Batch length in draws and :math:`\tau` in draws (NaN when the ESS cannot be computed;
+        then ``L`` is :math:`\lfloor\sqrt D\rfloor`).
+    """
+    import arviz as az
+
+    x = np.asarray(per_draw, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"per_draw must have shape (chain, draw), got {x.shape}")
+    n_chains, n_draws = x.shape
+    tau = math.nan
+    if n_draws >= 4 and np.all(np.isfinite(x)) and np.ptp(x) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ess = float(az.ess(az.convert_to_dataset({"f": x}), method="bulk")["f"])
+        if math.isfinite(ess) and ess > 0:
+            tau = n_chains * n_draws / ess
+    length = math.isqrt(n_draws)
+    if math.isfinite(tau):
+        length = max(length, math.ceil(factor * tau))
+    return max(1, min(n_draws, length)), tau
 
 
 def _mean_and_se(per_chain: list[dict[str, float]]) -> dict[str, Estimate]:
@@ -707,9 +818,10 @@ def calibration(
     *,
     n_bins: int = 15,
     ensemble: str = "bma",
-    method: str = "bootstrap",
+    method: str = "batch",
     n_boot: int = 200,
     seed: int = 0,
+    batch_size: int | None = None,
 ) -> dict[str, Estimate]:
     r"""Accuracy, NLL, Brier, ECE and MCE of an ensemble, before and after temperature scaling.
 
@@ -720,8 +832,8 @@ def calibration(
     :math:`\hat T = \arg\min_T \mathrm{NLL}_{val}(\operatorname{softmax}(\log \bar p_{val} / T))`
     (:func:`~bayesflat.metrics.fit_temperature`) is fitted on the validation ensemble and the
     same metrics are reported for :math:`\operatorname{softmax}(\log \bar p_{test} / \hat T)`
-    under the keys ``"scaled_<metric>"``, with ``"temperature"`` itself. Each bootstrap
-    replicate resamples the draws of both sets together and refits :math:`\hat T`, so the
+    under the keys ``"scaled_<metric>"``, with ``"temperature"`` itself. Each jackknife or
+    bootstrap replicate takes the same draws of both sets and refits :math:`\hat T`, so the
     error of the scaled metrics includes that of :math:`\hat T`.
 
     Parameters
@@ -733,7 +845,7 @@ def calibration(
         set.
     n_bins : int, default 15
         Bins of ECE and MCE.
-    ensemble, method, n_boot, seed
+    ensemble, method, n_boot, seed, batch_size
         See :func:`estimate`.
 
     Returns
@@ -766,7 +878,8 @@ def calibration(
                 out[f"scaled_{key}"] = v
         return out
 
-    return estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed)
+    return estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed,
+                    batch_size=batch_size)  # fmt: skip
 
 
 def _calibration_scalars(p: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
@@ -841,23 +954,24 @@ def ood_detection(
     ens_out: Ensemble,
     *,
     ensemble: str = "bma",
-    method: str = "bootstrap",
+    method: str = "batch",
     n_boot: int = 200,
     seed: int = 0,
+    batch_size: int | None = None,
 ) -> dict[str, dict[str, Estimate]]:
     """AUROC, AUPR-in, AUPR-out and FPR@95 of every OOD score, with Monte-Carlo errors.
 
     For each score of :func:`ood_scores` computed on the in-distribution ensemble ``ens_in``
     and the OOD ensemble ``ens_out`` (the same draws), :func:`bayesflat.metrics.ood_summary`
     gives the four detection metrics; OOD is the positive class and a higher score means more
-    OOD. Each bootstrap replicate resamples the draws of both sets together (see
+    OOD. Each jackknife or bootstrap replicate takes the same draws of both sets (see
     :func:`estimate`).
 
     Parameters
     ----------
     ens_in, ens_out : Ensemble
         In-distribution (usually the test set) and OOD ensembles.
-    ensemble, method, n_boot, seed
+    ensemble, method, n_boot, seed, batch_size
         See :func:`estimate`. With ``ensemble="final"`` there is one member per chain and the
         mutual information is left out.
 
@@ -890,7 +1004,8 @@ def ood_detection(
             for metric, value in metrics.ood_summary(s_in[score], s_out[score]).items()
         }
 
-    flat = estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed)
+    flat = estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed,
+                    batch_size=batch_size)  # fmt: skip
     out: dict[str, dict[str, Estimate]] = {}
     for key, value in flat.items():
         score, metric = key.split(".")

@@ -35,6 +35,7 @@ import numpy as np
 from bayesflat import metrics, predictive
 from bayesflat import trace as _trace
 from bayesflat.diagnostics.report import diagnose
+from bayesflat.diagnostics.verdict import trace_verdict, verdict_html, verdict_text
 from bayesflat.predictive import Ensemble, Estimate
 
 __all__ = [
@@ -154,7 +155,7 @@ def build_report(
     val: str | None = "val",
     ood: Sequence[str] | None = None,
     ensemble: str = "auto",
-    method: str = "bootstrap",
+    method: str = "batch",
     n_boot: int = 200,
     seed: int = 0,
     n_bins: int = 15,
@@ -179,8 +180,11 @@ def build_report(
         chain as an independent point estimate (mean over chains ± standard error).
         ``"auto"``: ``"final"`` for an optimiser (a registry entry that is not a sampler) or a
         run at ``T = 0``, ``"bma"`` otherwise.
-    method : {"bootstrap", "spread"}, default "bootstrap"
+    method : {"batch", "bootstrap", "spread"}, default "batch"
         Monte-Carlo error of the BMA metrics (:func:`bayesflat.predictive.estimate`).
+        ``"batch"``: jackknife over batches of consecutive draws, with the batch length from
+        the autocorrelation time of the per-draw test NLL (:func:`bayesflat.predictive.
+        batch_length`), so the error accounts for autocorrelation within chains.
     n_boot : int, default 200
         Bootstrap replicates.
     seed : int, default 0
@@ -214,14 +218,17 @@ def build_report(
     val_ens = predictive.from_trace(trace, val) if val else None
     ood_ens = {name: predictive.from_trace(trace, name) for name in ood}
     options = {"ensemble": kind, "method": method, "n_boot": n_boot, "seed": seed}
+    mc_info = _mc_info(kind, method, n_boot, seed, test_ens)
+    options["batch_size"] = mc_info.get("batch_size")
 
     cal = predictive.calibration(test_ens, val_ens, n_bins=n_bins, **options)
     summary: dict[str, Any] = {
         "format": FORMAT,
         "title": _title(attrs),
+        "verdict": None,
         "run": _run_settings(attrs, trace),
         "ensemble": _ensemble_info(kind, test_ens),
-        "mc_error": _mc_info(kind, method, n_boot, seed, test_ens.chains),
+        "mc_error": mc_info,
         "test": {
             "set": test,
             "n": test_ens.size,
@@ -261,8 +268,10 @@ def build_report(
                 s: {m: e.to_dict() for m, e in table.items()} for s, table in scores.items()
             },
         }
+    summary["predictive_density"] = _predictive_density(trace)
     diagnosis = diagnose(trace)
     summary["diagnostics"] = diagnosis.to_dict()
+    summary["verdict"] = trace_verdict(trace, diagnosis=diagnosis).to_dict()
     report = Report(summary=_clean(summary), diagnostics_html=diagnosis.to_html())
     if figures:
         _draw_figures(report, trace, test_ens, ood_ens, raw_p, scaled_p, labels, kind)
@@ -313,10 +322,14 @@ def _title(attrs: Mapping[str, Any]) -> str:
     return f"{sampler} on {model}" if model else str(sampler)
 
 
+_GRADIENTS_PER_STEP = {"plain": 1, "sharpness_aware": 2, "randomly_smoothed_perturbation": 2}
+"""Closure evaluations per step of estimators whose count does not depend on their settings."""
+
+
 def _gradients_per_step(attrs: Mapping[str, Any]) -> int | None:
     estimator = attrs.get("estimator")
-    if estimator == "plain":
-        return 1
+    if estimator in _GRADIENTS_PER_STEP:
+        return _GRADIENTS_PER_STEP[str(estimator)]
     if "num_perturbations" in attrs:
         per_step = int(attrs["num_perturbations"]) * (2 if attrs.get("antithetic") else 1)
         clean = attrs.get("clean_weight")
@@ -331,8 +344,10 @@ def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
     )
     run.update(_kept_shape(trace))
     burn_in, draws, thin = attrs.get("burn_in"), attrs.get("draws"), attrs.get("thin")
-    if all(isinstance(v, int) for v in (burn_in, draws, thin)):
-        run["steps_per_chain"] = burn_in + draws * thin
+    planned = attrs.get("planned_steps")
+    if isinstance(planned, int) or all(isinstance(v, int) for v in (burn_in, draws, thin)):
+        # planned_steps counts the exploration phases of cyclical samplers too
+        run["steps_per_chain"] = planned if isinstance(planned, int) else burn_in + draws * thin
         per_step = _gradients_per_step(attrs)
         if per_step is not None:
             run["gradient_evaluations_per_chain"] = run["steps_per_chain"] * per_step
@@ -341,6 +356,12 @@ def _run_settings(attrs: Mapping[str, Any], trace: Any) -> dict[str, Any]:
         used = np.asarray(stats["sigma"].values, dtype=np.float64)
         if np.isfinite(used).any():
             run["sigma_used"] = float(np.nanmean(used))
+    coupling = _sigma_vs_prior(attrs, run.get("sigma_used"))
+    if coupling is not None:
+        keys = list(run)
+        at = keys.index("prior_scale") + 1 if "prior_scale" in keys else len(keys)
+        run = {**dict(list(run.items())[:at]), "sigma_vs_prior_std": coupling,
+               **dict(list(run.items())[at:])}  # fmt: skip
     run["complete"] = attrs.get("complete", True)
     if not run["complete"]:
         run["stop_reason"] = attrs.get("stop_reason", "")
@@ -368,6 +389,31 @@ def _kept_shape(trace: Any) -> dict[str, int]:
     return {}
 
 
+def _sigma_vs_prior(attrs: Mapping[str, Any], sigma_used: Any) -> dict[str, Any] | None:
+    """The perturbation scale beside the smallest Gaussian prior std (both parameter units)."""
+    sigma = attrs.get("sigma")
+    if not isinstance(sigma, int | float) or isinstance(sigma, bool):
+        sigma = sigma_used
+    scale = attrs.get("prior_scale")
+    if not isinstance(sigma, int | float) or not isinstance(scale, int | float) or sigma <= 0:
+        return None
+    if attrs.get("filter_normalised") or attrs.get("prior") != "gaussian":
+        return None
+    scales = [float(scale)]
+    per_layer = attrs.get("prior_scales")
+    if isinstance(per_layer, Mapping):
+        scales += [float(v) for v in per_layer.values() if isinstance(v, int | float)]
+    smallest = min(scales)
+    return {
+        "sigma": float(sigma),
+        "smallest_prior_std": smallest,
+        "ratio": float(sigma) / smallest,
+        "note": "sigma above the prior std: the perturbation reaches beyond the prior's spread"
+        if sigma > smallest
+        else "sigma below every prior std",
+    }
+
+
 def _ensemble_info(kind: str, ens: Ensemble) -> dict[str, Any]:
     if kind == "bma":
         text = (
@@ -382,7 +428,56 @@ def _ensemble_info(kind: str, ens: Ensemble) -> dict[str, Any]:
     return {"kind": kind, "chains": ens.chains, "draws": ens.draws, "description": text}
 
 
-def _mc_info(kind: str, method: str, n_boot: int, seed: int, chains: int) -> dict[str, Any]:
+_FEW_CHAINS = 4
+"""Below this many chains a Monte-Carlo error is flagged: nothing checks that the chains agree."""
+
+
+def _mc_info(kind: str, method: str, n_boot: int, seed: int, ens: Ensemble) -> dict[str, Any]:
+    info = _mc_method_info(kind, method, n_boot, seed, ens)
+    info["chains"] = ens.chains
+    info["few_chains"] = ens.chains < _FEW_CHAINS
+    if info["few_chains"] and not info["description"].startswith("none"):
+        info["description"] += (
+            f"; rests on {ens.chains} chain{'s' if ens.chains != 1 else ''} (fewer than "
+            f"{_FEW_CHAINS}): it cannot include the spread between modes that other chains "
+            "would find, so read it as a lower bound"
+        )
+    return info
+
+
+def _mc_method_info(
+    kind: str, method: str, n_boot: int, seed: int, ens: Ensemble
+) -> dict[str, Any]:
+    chains = ens.chains
+    if kind == "bma" and method == "batch":
+        from bayesflat.diagnostics.convergence import nll_per_draw
+
+        length, tau = predictive.batch_length(nll_per_draw(ens.probs, ens.labels))
+        batches = chains * (ens.draws // length)
+        if batches < 2:
+            text = "none: a batch jackknife needs at least two batches"
+            return {"method": "batch", "batch_size": length, "batches": batches,
+                    "autocorrelation_time": tau, "description": text}  # fmt: skip
+        tau_text = f"{tau:.1f}" if math.isfinite(tau) else "unknown"
+        span = (
+            f"the batch spans at least the autocorrelation time of the per-draw test NLL, "
+            f"{tau_text} draws, so the error accounts for autocorrelation within chains"
+        )
+        if math.isfinite(tau) and tau > length:
+            span = (
+                f"the autocorrelation time of the per-draw test NLL, {tau_text} draws, exceeds "
+                "even whole chains, so the error is underestimated"
+            )
+        return {
+            "method": "batch",
+            "batch_size": length,
+            "batches": batches,
+            "autocorrelation_time": tau,
+            "description": (
+                f"jackknife over {batches} batches of {length} consecutive draws "
+                f"({ens.draws // length} per chain; {span})"
+            ),
+        }
     if kind == "final" or method == "spread":
         if chains < 2:
             text = "none: a Monte-Carlo error needs at least two chains"
@@ -408,6 +503,65 @@ def _curve_dict(curve: metrics.ReliabilityCurve) -> dict[str, list]:
         "accuracy": curve.accuracy.tolist(),
         "count": [int(c) for c in curve.count],
     }
+
+
+def _predictive_density(trace: Any) -> dict[str, Any]:
+    r"""PSIS-LOO on the training points and the log predictive density of held-out sets.
+
+    ``elpd_loo`` is ``az.loo(trace)``: the expected log predictive density of a new point,
+    estimated by leaving out each training point of the ``log_likelihood`` group in turn (nats,
+    summed over the points; ``per_point`` divides by their number). The held-out sets need no
+    leaving out: their log pointwise predictive density is computed directly from the
+    ``heldout_log_likelihood`` group,
+
+    .. math:: \mathrm{lppd} = \sum_{i=1}^{n} \log \frac{1}{S} \sum_{s=1}^{S}
+              p(y_i \mid x_i, \theta_s) ,
+
+    and its mean over the points is minus the NLL of the BMA. The per-point numbers estimate
+    the same quantity when the held-out set is drawn like the training set.
+    """
+    import warnings
+
+    import arviz as az
+    from scipy.special import logsumexp
+
+    out: dict[str, Any] = {"elpd_loo": None, "heldout": {}}
+    train = _trace.get_group(trace, "log_likelihood")
+    if train is not None and train.data_vars:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                loo = az.loo(trace)
+            except (ValueError, TypeError, KeyError):
+                loo = None
+        if loo is not None:
+            elpd = float(getattr(loo, "elpd_loo", getattr(loo, "elpd", math.nan)))
+            n = int(loo.n_data_points)
+            k = np.asarray(loo.pareto_k).ravel()
+            out["elpd_loo"] = {
+                "value": elpd,
+                "se": float(loo.se),
+                "p_loo": float(getattr(loo, "p_loo", getattr(loo, "p", math.nan))),
+                "n": n,
+                "per_point": elpd / n,
+                "pareto_k_above_0.7": int(np.sum(k > 0.7)),
+                "data": "training points (log_likelihood group)",
+            }
+    held = _trace.get_group(trace, "heldout_log_likelihood")
+    if held is not None:
+        for name in held.data_vars:
+            ll = held[name].transpose("chain", "draw", ...).values.astype(np.float64)
+            ll = ll.reshape(-1, ll.shape[-1])
+            ll = ll[np.all(np.isfinite(ll), axis=1)]
+            if not ll.size:
+                continue
+            pointwise = logsumexp(ll, axis=0) - math.log(ll.shape[0])
+            out["heldout"][str(name)] = {
+                "lppd": float(pointwise.sum()),
+                "n": int(pointwise.size),
+                "per_point": float(pointwise.mean()),
+            }
+    return out
 
 
 def _pooled_predictions(
@@ -556,7 +710,9 @@ def headline_table(summary: Mapping[str, Any]) -> str:
     Returns
     -------
     str
-        A title line, a table (raw and temperature-scaled columns) and the error method.
+        A title line, a table (raw and temperature-scaled columns), the error method and, when
+        the summary holds one, the verdict (:mod:`bayesflat.diagnostics.verdict`): a
+        ``FAIL:`` or ``WARNING:`` line with the worst finding, or ``verdict: pass``.
     """
     test = summary["test"]
     scaling = test.get("temperature_scaling")
@@ -582,7 +738,10 @@ def headline_table(summary: Mapping[str, Any]) -> str:
         f"{'BMA of all draws' if ens['kind'] == 'bma' else 'final iterate per run'}"
     )
     note = f"value ± Monte-Carlo error ({summary['mc_error']['description']})"
-    return "\n".join([title, _text_table(header, rows), note])
+    lines = [title, _text_table(header, rows), note]
+    if summary.get("verdict"):
+        lines.append(verdict_text(summary["verdict"]))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,7 +931,7 @@ def _trace_figure(report: Report, trace: Any) -> None:
     keys = [k for k in ("lp", "step_size") if k in stats]
     if not keys:
         return
-    labels = {"lp": "potential L_B (lp)", "step_size": "step size (lr)"}
+    labels = {"lp": "log joint density lp = -N L_B (nats)", "step_size": "step size (lr)"}
     fig = _new_figure(5.2 * len(keys), 3.2)
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     step = stats["step"].values if "step" in stats else None
@@ -786,9 +945,10 @@ def _trace_figure(report: Report, trace: Any) -> None:
             ax.legend(fontsize=7, frameon=False)
     report.figures["trace"] = _png(fig)
     report.captions["trace"] = (
-        "Trace plots per chain at the kept draws: the minibatch potential L_B in mean-loss units "
-        "(sample_stats lp) and the step size (equal step sizes overlap). Chains that mix "
-        "overlap; a potential that still drifts means the burn-in was too short."
+        "Trace plots per chain at the kept draws: the log joint density estimated on the "
+        "minibatch, lp = -N L_B in nats (ArviZ's sample_stats lp), and the step size (equal "
+        "step sizes overlap). Chains that mix overlap; an lp that still drifts means the burn-in "
+        "was too short."
     )
 
 
@@ -887,6 +1047,28 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _density_html(density: Mapping[str, Any] | None) -> str:
+    if not density or (density.get("elpd_loo") is None and not density.get("heldout")):
+        return ""
+    rows = []
+    loo = density.get("elpd_loo")
+    if loo is not None:
+        rows.append([
+            f"elpd_loo, training points (PSIS-LOO, {loo['pareto_k_above_0.7']} with k > 0.7)",
+            str(loo["n"]), f"{loo['value']:.2f} ± {loo['se']:.2f}", f"{loo['per_point']:.4f}",
+        ])  # fmt: skip
+    for name, block in density.get("heldout", {}).items():
+        rows.append([f"lppd, held-out set {name}", str(block["n"]), f"{block['lppd']:.2f}",
+                     f"{block['per_point']:.4f}"])  # fmt: skip
+    return _html_table(
+        ["log predictive density (nats)", "n", "total", "per point"], rows,
+        "elpd_loo leaves out each training point in turn (az.loo on the log_likelihood group); "
+        "lppd is the log of the BMA's probability of each held-out label, summed "
+        "(per point: minus the BMA's NLL). On held-out data drawn like the training data the "
+        "per-point numbers estimate the same quantity; ± is the standard error over points.",
+    )  # fmt: skip
+
+
 def _render_report(report: Report) -> str:
     s = report.summary
     test = s["test"]
@@ -902,6 +1084,7 @@ def _render_report(report: Report) -> str:
         f'<p class="subtitle">{_esc(ens["description"])}. Created '
         f"{_esc(_when(run.get('created_at', '')))} with bayesflat "
         f"{_esc(run.get('bayesflat_version', ''))}.</p>",
+        verdict_html(s["verdict"]) if s.get("verdict") else "",
         '<nav><a href="#summary">Summary</a><a href="#settings">Run settings</a>'
         '<a href="#calibration">Calibration</a><a href="#uncertainty">Uncertainty</a>'
         '<a href="#ood">OOD detection</a><a href="#draws">Draws</a>'
@@ -934,6 +1117,7 @@ def _render_report(report: Report) -> str:
         rows.append([f"AUROC, {name} ({SCORE_LABELS[HEADLINE_SCORE]})",
                      _fmt(block["scores"][HEADLINE_SCORE]["auroc"])])  # fmt: skip
     parts.append(_html_table(["headline", f"{test['set']} set"], rows))
+    parts.append(_density_html(s.get("predictive_density")))
 
     parts.append('<h2 id="settings">Run settings</h2>')
     items = [(k, _when(v) if k == "created_at" else _setting_text(v)) for k, v in run.items()]
@@ -962,7 +1146,7 @@ def _render_report(report: Report) -> str:
         caption = (
             "Temperature scaling: T fitted by minimising the NLL on the "
             f"{_esc(scaling['fitted_on'])} set (n = {scaling['n_val']}, held out from "
-            f"training), then applied to the {_esc(test['set'])} set; each bootstrap "
+            f"training), then applied to the {_esc(test['set'])} set; each Monte-Carlo "
             f"replicate refits T. ECE and MCE use {test['reliability']['n_bins']} "
             "equal-width confidence bins; MCE, the largest gap of any non-empty bin, is driven "
             "by bins that hold few inputs (see the counts below the reliability diagram)."
@@ -1098,7 +1282,10 @@ class Comparison:
     ----------
     summary : dict
         ``{"format", "runs": [{"name", "sampler", "ensemble", "metrics", "scaled", "temperature",
-        "ood_auroc"}], "ood_sets", "ood_score"}``; metrics as ``{"value", "mc_error"}``.
+        "ood_auroc", "steps_per_chain", "gradient_evaluations_per_chain", "verdict"}],
+        "ood_sets", "ood_score", "budget_warning"}``; metrics as ``{"value", "mc_error"}``;
+        ``budget_warning`` is a sentence when the runs' gradient evaluations per chain differ by
+        more than 10 % (:data:`BUDGET_TOLERANCE`), else None.
     figure : bytes
         PNG of the combined reliability diagram.
     """
@@ -1109,28 +1296,36 @@ class Comparison:
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the comparison table (value ± MC error)."""
         sets = self.summary["ood_sets"]
-        header = ["run", "sampler", "estimate", "accuracy", "NLL", "ECE", "NLL (T-scaled)",
-                  "ECE (T-scaled)", *(f"AUROC {name}" for name in sets)]  # fmt: skip
+        header = ["run", "sampler", "estimate", "verdict", "grad. evals/chain", "accuracy", "NLL",
+                  "ECE", "NLL (T-scaled)", "ECE (T-scaled)",
+                  *(f"AUROC {name}" for name in sets)]  # fmt: skip
         rows = []
         for run in self.summary["runs"]:
             scaled = run["scaled"] or {}
+            evals = run.get("gradient_evaluations_per_chain")
             rows.append([
-                run["name"], str(run["sampler"]), run["ensemble"],
+                run["name"], str(run["sampler"]), run["ensemble"], str(run.get("verdict") or "-"),
+                f"{evals:,}" if isinstance(evals, int) else "n/a",
                 _fmt(run["metrics"]["accuracy"]), _fmt(run["metrics"]["nll"]),
                 _fmt(run["metrics"]["ece"]), _fmt(scaled.get("nll")), _fmt(scaled.get("ece")),
                 *(_fmt(run["ood_auroc"].get(name)) for name in sets),
             ])  # fmt: skip
         return header, rows
 
-    def table(self) -> str:
-        """The comparison as a text table."""
-        header, rows = self.rows()
-        note = (
+    def _note(self) -> str:
+        return (
             f"value ± Monte-Carlo error; AUROC of the {SCORE_LABELS[self.summary['ood_score']]} "
             "score; bma = model average of all draws, final = final iterate per run (mean over "
-            "runs)"
+            "runs); grad. evals/chain: closure evaluations per chain, burn-in and exploration "
+            "included"
         )
-        return _text_table(header, rows, numeric_from=3) + "\n" + note
+
+    def table(self) -> str:
+        """The comparison as a text table, then a warning line when the budgets differ."""
+        header, rows = self.rows()
+        text = _text_table(header, rows, numeric_from=4) + "\n" + self._note()
+        warning = self.summary.get("budget_warning")
+        return text + (f"\nWARNING: {warning}" if warning else "")
 
     def to_json(self) -> str:
         """``summary`` as indented JSON."""
@@ -1152,7 +1347,8 @@ class Comparison:
             f'<p class="subtitle">{len(self.summary["runs"])} runs on the same test set.</p>',
             '<p class="note">Every number is <b>value ± Monte-Carlo error</b> over the '
             "posterior draws (or over independent runs for point estimates).</p>",
-            _html_table(header, rows, _esc(self.table().splitlines()[-1]), numeric_from=3),
+            _budget_html(self.summary.get("budget_warning")),
+            _html_table(header, rows, _esc(self._note()), numeric_from=4),
             f"<h2>Runs</h2><ul>{runs}</ul>",
             "<h2>Reliability</h2>",
             f'<figure><img alt="reliability" src="data:image/png;base64,{data}">'
@@ -1221,10 +1417,48 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> Comparison:
             "temperature": scaling["temperature"] if scaling else None,
             "ood_auroc": ood,
             "reliability": test["reliability"],
+            "steps_per_chain": summary.get("run", {}).get("steps_per_chain"),
+            "gradient_evaluations_per_chain": summary.get("run", {}).get(
+                "gradient_evaluations_per_chain"
+            ),
+            "verdict": (summary.get("verdict") or {}).get("status"),
         })  # fmt: skip
     summary = {"format": "bayesflat-comparison/1", "ood_score": HEADLINE_SCORE,
-               "ood_sets": sets, "runs": entries}  # fmt: skip
+               "ood_sets": sets, "runs": entries,
+               "budget_warning": _budget_warning(entries)}  # fmt: skip
     return Comparison(summary=_clean(summary), figure=_comparison_figure(entries))
+
+
+BUDGET_TOLERANCE = 0.10
+"""Relative difference in gradient evaluations per chain above which :func:`compare` warns."""
+
+
+def _budget_html(warning: str | None) -> str:
+    if not warning:
+        return ""
+    return (
+        f'<p class="note" style="border-left-color: #b35900"><b>Warning:</b> {_esc(warning)}.</p>'
+    )
+
+
+def _budget_warning(entries: Sequence[Mapping[str, Any]]) -> str | None:
+    """A warning when the runs' gradient evaluations per chain differ by more than 10 %."""
+    known = {e["name"]: e["gradient_evaluations_per_chain"] for e in entries}
+    missing = [name for name, v in known.items() if not isinstance(v, int | float)]
+    values = {name: float(v) for name, v in known.items() if name not in missing}
+    parts = []
+    if len(values) >= 2:
+        low, high = min(values.values()), max(values.values())
+        if high > (1.0 + BUDGET_TOLERANCE) * low:
+            parts.append(
+                f"the runs differ in budget: {high / low:.2f}x as many gradient evaluations per "
+                f"chain in {max(values, key=values.__getitem__)} ({high:.0f}) as in "
+                f"{min(values, key=values.__getitem__)} ({low:.0f}); compare them at equal "
+                f"budgets (within {BUDGET_TOLERANCE:.0%})"
+            )
+    if missing and len(entries) > 1:
+        parts.append(f"unknown gradient evaluations per chain for {', '.join(missing)}")
+    return "; ".join(parts) or None
 
 
 def _comparison_figure(entries: Sequence[Mapping[str, Any]]) -> bytes:

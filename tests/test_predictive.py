@@ -145,16 +145,18 @@ def test_estimate_bootstrap_equals_bootstrap_metric():
     def fn(avg):
         return {"nll": metrics.nll(avg["p"] / avg["p"].sum(-1, keepdims=True), labels)}
 
-    got = predictive.estimate({"p": members}, fn, n_boot=50, seed=7)["nll"]
+    got = predictive.estimate({"p": members}, fn, method="bootstrap", n_boot=50, seed=7)["nll"]
     value, se = metrics.bootstrap_metric(
         members, lambda p: metrics.nll(p, labels), n_boot=50, seed=7
     )
     assert got.value == pytest.approx(value, rel=1e-10)
     assert got.mc_error == pytest.approx(se, rel=1e-8)
-    single = predictive.calibration(ens.head(5).final(0).head(1), n_boot=30, seed=1)
+    single = predictive.calibration(
+        ens.head(5).final(0).head(1), method="bootstrap", n_boot=30, seed=1
+    )
     assert single["nll"].mc_error == 0.0  # one member: every replicate is the same
     one_chain = Ensemble(members[:1], labels)
-    got = predictive.calibration(one_chain, n_boot=40, seed=2)["nll"]
+    got = predictive.calibration(one_chain, method="bootstrap", n_boot=40, seed=2)["nll"]
     value, se = metrics.bootstrap_metric(
         members[:1], lambda p: metrics.nll(p, labels), n_boot=40, seed=2, block="draw"
     )

@@ -86,7 +86,9 @@ def test_report_json_has_every_field_with_finite_numbers(sampled):
     ):
         assert key in s["run"], key
     assert s["run"]["steps_per_chain"] == 10 + 3 * 2
-    assert s["ensemble"]["kind"] == "bma" and s["mc_error"]["method"] == "bootstrap"
+    assert s["ensemble"]["kind"] == "bma" and s["mc_error"]["method"] == "batch"
+    assert s["mc_error"]["chains"] == 2 and s["mc_error"]["few_chains"]
+    assert "fewer than 4" in s["mc_error"]["description"]
     test = s["test"]
     assert set(test["metrics"]) == {"accuracy", "nll", "brier_score", "ece", "mce"}
     scaling = test["temperature_scaling"]
@@ -195,7 +197,7 @@ def test_report_without_validation_or_ood_sets():
     rep = report.build_report(_synthetic(chains=1, val=False, ood=False), n_boot=10, figures=False)
     s = rep.summary
     assert s["test"]["temperature_scaling"] is None and s["ood"] == {}
-    assert s["mc_error"]["block"] == "draw"
+    assert s["mc_error"]["method"] == "batch" and s["mc_error"]["few_chains"]
     page = rep.to_html()
     assert "no temperature scaling" in page and "no OOD detection" in page
     assert "temp." not in rep.headline()

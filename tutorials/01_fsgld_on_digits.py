@@ -35,9 +35,9 @@ from bayesflat import data, metrics, models, predictive
 from bayesflat.report import build_report
 
 QUICK = os.environ.get("BAYESFLAT_TUTORIAL_QUICK") == "1"
-# A run keeps `draws` states per chain, one every `thin` steps after `burn_in` steps. The
-# bootstrap error bars use `n_boot` replicates: 100 pin an error bar down to about 7%
-# (1 / sqrt(2 * n_boot)), enough for its first digit.
+# A run keeps `draws` states per chain, one every `thin` steps after `burn_in` steps. `n_boot`
+# is used only by the bootstrap error bars (method="bootstrap"); the default error bars are a
+# jackknife over batches of consecutive draws.
 BUDGET = (
     {"chains": 2, "burn_in": 100, "draws": 8, "thin": 10, "n_boot": 10}
     if QUICK
@@ -88,7 +88,8 @@ for name, lr in (("fsgld", 0.3), ("sgld", 0.1)):
 # %% 1-2. Predictive performance and OOD detection --------------------------------------------
 # An Ensemble holds the per-draw class probabilities (chain, draw, n, K) of one evaluation set.
 # The metrics are those of the BMA (probabilities averaged, never logits); the error bars come
-# from a bootstrap over whole chains, the independent units of a run.
+# from a jackknife over batches of consecutive draws, long enough to span the autocorrelation
+# of a chain, so they count correlated draws only once.
 rows = {}
 for name, trace in traces.items():
     test = predictive.from_trace(trace, "test")

@@ -60,6 +60,7 @@ from bayesflat.diagnostics.report import (
     diagnostics_section,
     write_diagnostics,
 )
+from bayesflat.diagnostics.verdict import VERDICT_THRESHOLDS, Verdict, trace_verdict, verdict
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -79,6 +80,8 @@ __all__ = [
     "PerturbationGap",
     "SpectralDensity",
     "TraceEstimate",
+    "VERDICT_THRESHOLDS",
+    "Verdict",
     "configurational_temperature",
     "convergence_table",
     "diagnose",
@@ -99,7 +102,9 @@ __all__ = [
     "select_parameters",
     "spectral_density",
     "top_eigenvalues",
+    "trace_verdict",
     "true_class_probability",
+    "verdict",
     "weight_projections",
     "write_diagnostics",
 ]

@@ -98,6 +98,7 @@ def sample(
     device: str | None = None,
     stats_fns: Mapping[str, Callable[[nn.Module, _samplers.Sampler], Any]] | None = None,
     recipe: Mapping[str, Any] | None = None,
+    on_divergence: str = "keep",
     **sampler_options: Any,
 ) -> Any:
     """Run ``chains`` chains of a registered sampler and return an ArviZ trace.
@@ -189,6 +190,14 @@ def sample(
     recipe : mapping, optional
         JSON-able description from which :func:`resume` can rebuild ``model``, ``train_data``
         and ``eval_sets`` (``bayesflat run`` stores its arguments).
+    on_divergence : {"keep", "exclude", "raise"}, default "keep"
+        Every kept draw records ``sample_stats.diverging`` (non-finite potential, a weight
+        tensor above 10 prior standard deviations rms, or training predictions no better than
+        chance; see :mod:`bayesflat.diagnostics.divergence`). ``"keep"`` returns every chain
+        and warns (:class:`~bayesflat.diagnostics.divergence.DivergenceWarning`) naming the
+        chains with diverging draws; ``"exclude"`` returns the trace without those chains (root
+        attribute ``excluded_chains``; the run folder keeps them all) and warns; ``"raise"``
+        raises :class:`SamplingError` whose ``trace`` holds every chain.
     **sampler_options
         Passed to the sampler class (e.g. ``sigma``, ``eta`` for fSGLD).
 
@@ -211,6 +220,9 @@ def sample(
             "log-likelihood of training points (what az.loo needs; see loo_points), and every "
             "labelled evaluation set has its own in heldout_log_likelihood"
         )
+    from bayesflat.diagnostics.divergence import ON_DIVERGENCE
+
+    check_choice(on_divergence, "on_divergence", ON_DIVERGENCE)
     entry = _samplers.entry(sampler)
     if temperature is None:
         temperature = 1.0 if entry.is_sampler else 0.0
@@ -245,10 +257,41 @@ def sample(
     folder = _distributed.on_rank_zero(prepare, distributed=executor == "distributed")
     if folder is None and output is not None:
         folder = RunFolder(output)
-    return _execute(
+    trace = _execute(
         spec, static, folder, {}, executor=executor, workers=workers, parallel=parallel,
         progress=progress, checkpoint_every=every,
     )  # fmt: skip
+    return _on_divergence(trace, on_divergence)
+
+
+def _on_divergence(trace: Any, mode: str) -> Any:
+    """Keep (with a warning), exclude or refuse the chains with diverging draws."""
+    import warnings
+
+    from bayesflat.diagnostics.divergence import DivergenceWarning, diverging_chains
+    from bayesflat.trace.build import assemble, groups, root_attrs
+
+    bad = diverging_chains(trace)
+    if not bad:
+        return trace
+    parts = groups(trace)
+    chains = int(next(ds.sizes["chain"] for ds in parts.values() if "chain" in ds.sizes))
+    detail = ", ".join(f"chain {c}: {n}" for c, n in bad.items())
+    text = f"{len(bad)} of {chains} chains have diverging draws ({detail}; sample_stats.diverging)"
+    if mode == "raise" or (mode == "exclude" and len(bad) == chains):
+        why = "" if mode == "raise" else "; every chain diverged, none is left to return"
+        raise SamplingError(
+            f"{text}{why}; lower lr, check the prior scale, or pass on_divergence='keep'",
+            trace, chain=next(iter(bad)), step=-1,
+        )  # fmt: skip
+    if mode == "keep":
+        warnings.warn(f"{text}; kept (on_divergence='keep')", DivergenceWarning, stacklevel=3)
+        return trace
+    keep = [c for c in range(chains) if c not in bad]
+    warnings.warn(f"{text}; excluded (on_divergence='exclude')", DivergenceWarning, stacklevel=3)
+    sub = {k: ds.isel(chain=keep) if "chain" in ds.dims else ds for k, ds in parts.items()}
+    attrs = {**root_attrs(trace), "excluded_chains": list(bad), "chains": len(keep)}
+    return assemble(sub, attrs)
 
 
 def resume(

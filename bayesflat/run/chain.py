@@ -103,7 +103,31 @@ class _Recorder:
         out["posterior"] = posterior
         with _eval_mode(module), torch.no_grad():
             out.update(self._predictions(chain, draw))
+        # float 0/1 through the sinks; the trace schema stores it as bool
+        out["sample_stats"]["diverging"] = np.float64(bool(self._diverging(stats, out)))
         return {group: data for group, data in out.items() if data}
+
+    def _diverging(self, stats: dict[str, Any], out: Record) -> list[str]:
+        """Reasons the draw diverges (:mod:`bayesflat.diagnostics.divergence`)."""
+        from bayesflat.diagnostics.divergence import diverging_reasons
+
+        target = self.target
+        rms: dict[str, float] = {}
+        scales: dict[str, float] = {}
+        scale_for = getattr(getattr(target, "prior", None), "scale_for", None)
+        if self.spec.target.kind == "module" and scale_for is not None:
+            for name, p in target.module.named_parameters():
+                if p.requires_grad and p.numel():
+                    rms[name] = float(torch.linalg.vector_norm(p.detach())) / math.sqrt(p.numel())
+                    scales[name] = float(scale_for(name))
+        train_ll = out.get("log_likelihood", {}).get("train")
+        labels = None
+        if train_ll is not None and getattr(target, "categorical", False):
+            labels = self.loo_y.detach().cpu().numpy()
+        return diverging_reasons(
+            potential=float(stats["potential"]), weight_rms=rms, prior_scales=scales,
+            train_log_likelihood=train_ll if labels is not None else None, train_labels=labels,
+        )  # fmt: skip
 
     def _weights(self, module: nn.Module) -> dict[str, np.ndarray]:
         store = self.spec.store_weights
@@ -204,6 +228,36 @@ def _loo_data(spec: RunSpec, target: Any, device: torch.device) -> tuple[Any, An
     return x.to(device), y.to(device)
 
 
+def _check_sigma_scale(spec: RunSpec, target: Any) -> None:
+    """Warn (ScaleWarning) when a perturbation scale exceeds prior stds it perturbs."""
+    import warnings
+
+    from bayesflat.samplers.perturbation import ScaleWarning, sigma_above_prior
+
+    scale_for = getattr(getattr(target, "prior", None), "scale_for", None)
+    if scale_for is None or spec.target.kind != "module":
+        return
+    module = target.module
+    sampler = make_sampler(
+        spec.sampler, module.parameters(), lr=spec.lr, num_data=spec.num_data,
+        temperature=spec.temperature, generator=None, options=dict(spec.options),
+    )  # fmt: skip
+    sigma, below = sigma_above_prior(sampler, module.named_parameters(), scale_for)
+    if not below:
+        return
+    listed = ", ".join(f"{name} ({scale:.3g})" for name, scale in below[:4])
+    more = f" and {len(below) - 4} more" if len(below) > 4 else ""
+    warnings.warn(
+        f"sigma = {sigma:.3g} (perturbation scale, parameter units) exceeds the prior std of "
+        f"{len(below)} perturbed parameter tensors: {listed}{more}. The perturbed points then "
+        "lie beyond the prior's own spread and the smoothed posterior can collapse; pass a "
+        "smaller sigma (the coupling (T/N)^((1+eta)/4) shrinks only slowly with N) or widen "
+        "the prior",
+        ScaleWarning,
+        stacklevel=4,
+    )
+
+
 def preflight(spec: RunSpec) -> None:
     """Everything that can fail later, checked before the first step.
 
@@ -231,6 +285,7 @@ def preflight(spec: RunSpec) -> None:
                 p.grad = None
     if not math.isfinite(loss):
         raise ValueError(f"the potential at the initial weights is {loss} on the first minibatch")
+    _check_sigma_scale(spec, target)
     n_out = None
     with _eval_mode(module), torch.no_grad():
         for s in spec.eval_sets:

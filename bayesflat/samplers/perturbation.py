@@ -25,6 +25,7 @@ same buffer the Langevin noise uses; ``filter_normalised`` adds one more paramet
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -38,7 +39,13 @@ from bayesflat.samplers.base import (
     Sampler,
 )
 
-__all__ = ["PERTURBATIONS", "PerturbedGradient", "exclude_from_perturbation"]
+__all__ = [
+    "PERTURBATIONS",
+    "PerturbedGradient",
+    "ScaleWarning",
+    "exclude_from_perturbation",
+    "sigma_above_prior",
+]
 
 PERTURBATIONS = ("gaussian", "rademacher")
 
@@ -244,3 +251,52 @@ class PerturbedGradient(GradientEstimator):
             "clean_weight": self.clean_weight,
             "filter_normalised": self.filter_normalised,
         }
+
+
+class ScaleWarning(UserWarning):
+    """A perturbation scale ``sigma`` larger than the prior std of the parameters it perturbs."""
+
+
+def sigma_above_prior(
+    sampler: Sampler, named_params: Iterable[tuple[str, Tensor]], scale_for: Any
+) -> tuple[float, list[tuple[str, float]]]:
+    """The perturbation scale of a sampler and the parameters whose prior std is below it.
+
+    ``sigma`` perturbs every weight by ``sigma * eps`` with ``eps ~ N(0, 1)`` (parameter units).
+    Where a weight's Gaussian prior std ``s`` is below ``sigma``, the perturbed point lies
+    further from ``theta`` than the prior's own typical spread, so the smoothed potential the
+    sampler targets is dominated by weights the prior considers implausible. Filter-normalised
+    perturbations (``sigma`` relative to each filter's norm) and non-perturbing estimators give
+    ``(0.0, [])``.
+
+    Parameters
+    ----------
+    sampler : Sampler
+        The sampler, after construction (its groups resolved).
+    named_params : iterable of (str, Tensor)
+        ``module.named_parameters()``, in the order the sampler holds them.
+    scale_for : callable
+        ``scale_for(name) -> float``: the prior std of a parameter
+        (:meth:`bayesflat.target.torch.GaussianPrior.scale_for`).
+
+    Returns
+    -------
+    (sigma, [(name, prior std), ...])
+        ``sigma`` of the first perturbed group and the parameters it perturbs whose prior std
+        is below it.
+    """
+    estimator = sampler.estimator
+    if not isinstance(estimator, PerturbedGradient) or estimator.filter_normalised:
+        return 0.0, []
+    names = {id(p): name for name, p in named_params}
+    sigma, below = 0.0, []
+    for group in sampler.param_groups:
+        value = estimator.resolve_sigma(group) if group["perturb"] else 0.0
+        if value <= 0:
+            continue
+        sigma = sigma or value
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is not None and value > (scale := float(scale_for(name))):
+                below.append((name, scale))
+    return sigma, below

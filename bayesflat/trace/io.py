@@ -216,9 +216,7 @@ def write_concatenated(
                 static[name].to_netcdf(temporary, mode="a", group=name, engine="h5netcdf")
         with h5netcdf.File(temporary, "a") as out:
             targets = {
-                (group, var): out.groups[group].create_variable(
-                    var, dimensions=dims, dtype=dtype, fillvalue=_fill(dtype)
-                )
+                (group, var): _create(out.groups[group], var, dims, dtype)
                 for group, variables in layout.items()
                 for var, (dims, dtype) in variables.items()
             }
@@ -226,8 +224,20 @@ def write_concatenated(
                 for start, stop, read in chain_pieces:
                     for group, variables in read().items():
                         for var, values in variables.items():
-                            targets[(group, var)][chain, start:stop] = values
+                            target = targets[(group, var)]
+                            if target.attrs.get("dtype") == "bool":
+                                values = (np.nan_to_num(values) > 0.5).astype(np.int8)
+                            target[chain, start:stop] = values
     return path
+
+
+def _create(group: Any, name: str, dims: tuple[str, ...], dtype: Any) -> Any:
+    """A netCDF variable; bools as int8 with ``dtype="bool"``, as xarray encodes them."""
+    if np.dtype(dtype).kind == "b":
+        variable = group.create_variable(name, dimensions=dims, dtype=np.int8, fillvalue=None)
+        variable.attrs["dtype"] = "bool"
+        return variable
+    return group.create_variable(name, dimensions=dims, dtype=dtype, fillvalue=_fill(dtype))
 
 
 def _fill(dtype: Any) -> Any:

@@ -14,7 +14,7 @@ group                     variables and dimensions
                           ``(chain, draw, <key>_dim_0, ...)``, float32
 ``sample_stats``          ``lp``, ``potential``, ``step_size``, ``temperature``,
                           ``sigma``, ``grad_norm`` and sampler extras,
-                          ``(chain, draw, ...)``, float64
+                          ``(chain, draw, ...)``, float64; ``diverging`` bool
 ``predictions``           class probabilities per evaluation set,
                           ``(chain, draw, <set>_id, class)``, float32 (or float16);
                           ``<set>_logits`` shares ``<set>_id``
@@ -48,6 +48,7 @@ import numpy as np
 from bayesflat import __version__
 
 __all__ = [
+    "BOOL_STATS",
     "DRAW_GROUPS",
     "GROUPS",
     "KINDS_KEY",
@@ -113,6 +114,9 @@ NAMED_DIMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("posterior", "projection"): ("direction",),
 }
 """Dimensions (after chain and draw) of the variables the run engine itself records."""
+
+BOOL_STATS = ("diverging",)
+"""``sample_stats`` flags stored as bool whatever dtype a writer gives (ArviZ reads them so)."""
 
 VariableSpec = tuple[tuple[str, ...], np.ndarray]
 """A variable as ``(dims, values)``."""
@@ -233,6 +237,8 @@ def draw_variables(
                 f"{group}[{key!r}] has shape {array.shape}; its (chain, draw) must be "
                 f"{leading}, as in the other draw groups"
             )
+        if group == "sample_stats" and name in BOOL_STATS and array.dtype.kind == "f":
+            array = np.nan_to_num(array) > 0.5  # flags written as 0/1 floats (NaN: not reached)
         if array.dtype.kind == "f":
             keep16 = group == "predictions" and array.dtype == np.float16
             array = array.astype(np.float16 if keep16 else float_dtype, copy=False)
