@@ -236,6 +236,21 @@ def _shared_output(out_dir: Path, world: int) -> Path:
     return Path(box[0])
 
 
+def _owned(out_dir: Path, rank: int) -> Any:
+    """Hold the run folder's lock from sampling through the report (rank 0 only)."""
+    import contextlib
+
+    from bayesflat.run.lock import run_lock
+
+    if rank != 0 or (out_dir.exists() and not out_dir.is_dir()):
+        return contextlib.nullcontext()  # sample() names the problem
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--output {out_dir}: cannot create the folder ({err.strerror})") from None
+    return run_lock(out_dir)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Sample the digits posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
     import bayesflat
@@ -284,14 +299,15 @@ def run_command(args: argparse.Namespace) -> int:
             parallel=args.parallel, device=_device(args.device),
             recipe={"rebuild": "bayesflat.cli:rebuild_run", "args": settings}, **kwargs,
         )  # fmt: skip
-    try:
-        result = call()
-    except bayesflat.SamplingError as err:
-        raise CLIError(str(err)) from None
-    if rank != 0:
-        return 0
-    report = build_report(result, figures=not args.no_report, **report_options)
-    paths = report.save(out_dir, html=not args.no_report)
+    with _owned(out_dir, rank):
+        try:
+            result = call()
+        except bayesflat.SamplingError as err:
+            raise CLIError(str(err)) from None
+        if rank != 0:
+            return 0
+        report = build_report(result, figures=not args.no_report, **report_options)
+        paths = report.save(out_dir, html=not args.no_report)
     print(report.headline())
     print(f"wrote {', '.join(str(p) for p in (Path(out_dir) / 'trace.nc', *paths.values()))}")
     return 0

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bayesflat import metrics, predictive
+from bayesflat import _io, metrics, predictive
 from bayesflat import trace as _trace
 from bayesflat.diagnostics.report import diagnose
 from bayesflat.predictive import Ensemble, Estimate
@@ -140,10 +140,10 @@ class Report:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "metrics.json"}
-        paths["json"].write_text(self.to_json(), encoding="utf-8")
+        _io.write_text(paths["json"], self.to_json())
         if html:
             paths["html"] = out / "report.html"
-            paths["html"].write_text(self.to_html(), encoding="utf-8")
+            _io.write_text(paths["html"], self.to_html())
         return paths
 
 
@@ -1153,9 +1153,9 @@ class Comparison:
             "html": out / "comparison.html",
             "png": out / "reliability.png",
         }
-        paths["json"].write_text(self.to_json(), encoding="utf-8")
-        paths["html"].write_text(self.to_html(), encoding="utf-8")
-        paths["png"].write_bytes(self.figure)
+        _io.write_text(paths["json"], self.to_json())
+        _io.write_text(paths["html"], self.to_html())
+        _io.write_bytes(paths["png"], self.figure)
         return paths
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from bayesflat import _io
 from bayesflat.diagnostics.convergence import (
     DEFAULT_THRESHOLDS,
     _batch_means,
@@ -537,6 +538,6 @@ def write_diagnostics(
     folder = trace_path.parent
     json_path, html_path = folder / "diagnostics.json", folder / "diagnostics.html"
     payload = {"trace": trace_path.name, **result.to_dict()}
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    html_path.write_text(result.to_html() + "\n")
+    _io.write_text(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    _io.write_text(html_path, result.to_html() + "\n")
     return result, json_path, html_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -22,6 +23,7 @@ from bayesflat.run import distributed as _distributed
 from bayesflat.run.chain import preflight
 from bayesflat.run.checkpoint import ChainState
 from bayesflat.run.executors import ChainOutcome, Interrupt, run_processes, run_sequential
+from bayesflat.run.lock import run_lock
 from bayesflat.run.progress import Progress
 from bayesflat.run.sinks import (
     FolderSink,
@@ -231,24 +233,25 @@ def sample(
 
         check_vectorisable(spec)
     static = _static(spec)
+    with contextlib.ExitStack() as owner:
 
-    def prepare() -> RunFolder | None:
-        folder = _prepare_folder(output, overwrite)
-        if folder is None:
-            _capacity(spec, None, disk=False)
-            return None
-        _capacity(spec, folder.path, disk=True)
-        folder.write_meta(_meta(spec, static, recipe, status="running"))
-        folder.write_static(static)
-        return folder
+        def prepare() -> RunFolder | None:
+            folder = _prepare_folder(output, overwrite, owner)
+            if folder is None:
+                _capacity(spec, None, disk=False)
+                return None
+            _capacity(spec, folder.path, disk=True)
+            folder.write_meta(_meta(spec, static, recipe, status="running"))
+            folder.write_static(static)
+            return folder
 
-    folder = _distributed.on_rank_zero(prepare, distributed=executor == "distributed")
-    if folder is None and output is not None:
-        folder = RunFolder(output)
-    return _execute(
-        spec, static, folder, {}, executor=executor, workers=workers, parallel=parallel,
-        progress=progress, checkpoint_every=every,
-    )  # fmt: skip
+        folder = _distributed.on_rank_zero(prepare, distributed=executor == "distributed")
+        if folder is None and output is not None:
+            folder = RunFolder(output)
+        return _execute(
+            spec, static, folder, {}, executor=executor, workers=workers, parallel=parallel,
+            progress=progress, checkpoint_every=every,
+        )  # fmt: skip
 
 
 def resume(
@@ -303,6 +306,33 @@ def resume(
             f"{folder.path} holds no run to resume (no run.json); start one with "
             "bayesflat.sample(..., output=...) or `bayesflat run --output`"
         )
+    distributed = _distributed.world_size() > 1
+    owner = contextlib.ExitStack()
+    with owner:
+        _distributed.on_rank_zero(
+            lambda: owner.enter_context(run_lock(folder.path)), distributed=distributed
+        )
+        return _resume_locked(
+            folder, model, train_data, eval_sets=eval_sets, stats_fns=stats_fns,
+            progress=progress, workers=workers, executor=executor, parallel=parallel,
+            checkpoint_every=checkpoint_every, settings=settings,
+        )  # fmt: skip
+
+
+def _resume_locked(
+    folder: RunFolder,
+    model: Any,
+    train_data: Any,
+    *,
+    eval_sets: Any,
+    stats_fns: Any,
+    progress: bool,
+    workers: int,
+    executor: str,
+    parallel: str,
+    checkpoint_every: int | None,
+    settings: dict[str, Any],
+) -> Any:
     meta = folder.read_meta()
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{folder.run_json} is not a bayesflat run description")
@@ -483,7 +513,10 @@ def _choose_executor(executor: str, workers: int) -> str:
 # -- the run folder -------------------------------------------------------------------------------
 
 
-def _prepare_folder(output: Any, overwrite: bool) -> RunFolder | None:
+def _prepare_folder(
+    output: Any, overwrite: bool, owner: contextlib.ExitStack
+) -> RunFolder | None:
+    """Check ``output``, take its lock (held until ``owner`` closes) and clear it if asked."""
     if output is None:
         return None
     if not isinstance(output, str | os.PathLike):
@@ -492,6 +525,10 @@ def _prepare_folder(output: Any, overwrite: bool) -> RunFolder | None:
     path = folder.path
     if path.exists() and not path.is_dir():
         raise ValueError(f"output={str(path)!r} is a file; give a folder for the run")
+    try:
+        owner.enter_context(run_lock(path))
+    except OSError as err:
+        raise ValueError(f"output folder {path} is not writable: {err.strerror or err}") from None
     if folder.exists() or folder.trace_nc.exists():
         if not overwrite:
             state = "a finished run" if folder.trace_nc.exists() else "an unfinished run"
