@@ -187,7 +187,9 @@ def sample(
         Where chains run (default: the model's device).
     stats_fns : mapping, optional
         ``name -> fn(model, sampler)`` evaluated at every kept draw; each returns a number or
-        an array recorded in ``sample_stats``. Functions must be picklable for ``workers > 1``.
+        an array recorded in ``sample_stats``. Each is also called once on the initial model
+        before the first step, so that a failing function or a name the run records itself
+        is refused before any sampling. Functions must be picklable for ``workers > 1``.
     recipe : mapping, optional
         JSON-able description from which :func:`resume` can rebuild ``model``, ``train_data``
         and ``eval_sets`` (``bayesflat run`` stores its arguments).
