@@ -515,9 +515,7 @@ def _choose_executor(executor: str, workers: int) -> str:
 # -- the run folder -------------------------------------------------------------------------------
 
 
-def _prepare_folder(
-    output: Any, overwrite: bool, owner: contextlib.ExitStack
-) -> RunFolder | None:
+def _prepare_folder(output: Any, overwrite: bool, owner: contextlib.ExitStack) -> RunFolder | None:
     """Check ``output``, take its lock (held until ``owner`` closes) and clear it if asked."""
     if output is None:
         return None
