@@ -48,6 +48,8 @@ from bayesflat.target.torch import Likelihood, Prior
 
 __all__ = ["SamplingError", "make_spec", "resume", "sample"]
 
+MAX_STEPS = 10**9
+"""Most steps one chain may be asked to run (``burn_in + draws * thin``)."""
 EXECUTORS = ("auto", "sequential", "processes", "distributed", "vectorised")
 _FORMAT = "bayesflat-run"
 
@@ -58,7 +60,8 @@ class SamplingError(RuntimeError):
     ``trace`` is ``None`` when the stop came before the first kept draw. Draws that were not
     reached are NaN; the trace's root attrs carry ``complete = False``, ``stop_reason`` and
     ``draws_kept`` per chain. A run with an output folder has checkpointed every chain there:
-    :func:`resume` continues it.
+    :func:`resume` continues it. A Ctrl-C that arrives after every chain's last step raises
+    this too (from ``KeyboardInterrupt``), with the complete trace.
     """
 
     def __init__(self, message: str, trace: Any, *, chain: int, step: int) -> None:
@@ -417,6 +420,12 @@ def make_spec(
     for name, minimum in (("chains", 1), ("burn_in", 0), ("draws", 1), ("thin", 1),
                           ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0)):  # fmt: skip
         check_int(locals()[name], name, minimum)
+    steps = burn_in + draws * thin
+    if steps > MAX_STEPS:
+        raise ValueError(
+            f"burn_in + draws * thin = {steps:,} steps per chain exceeds {MAX_STEPS:,} (days of "
+            "sampling even at 1 ms a step); lower burn_in, draws or thin"
+        )
     check_choice(init, "init", ("reset", "model"))
     if not (callable(lr) or math.isfinite(check_positive(lr, "lr"))):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -753,7 +762,10 @@ def _execute(
                         sink.begin(c, state.kept)
             bar.close()
             static.attrs["wall_time_s"] = time.perf_counter() - t0
-            return _finish(spec, static, folder, sink, outcomes, temporary)
+            trace = _finish(spec, static, folder, sink, outcomes, temporary)
+            if stop.is_set():
+                _late_interrupt(spec, folder, trace)
+            return trace
         finally:
             bar.close()
             if temporary is not None:
@@ -800,6 +812,18 @@ def _finish(
     if bad.status == "stopped":
         raise error from KeyboardInterrupt()
     raise error
+
+
+def _late_interrupt(spec: RunSpec, folder: RunFolder | None, trace: Any) -> None:
+    """A Ctrl-C that came after every chain's last step still stops the caller."""
+    where = f" (in {folder.trace_nc})" if folder is not None else ""
+    raise SamplingError(
+        f"interrupted after the last step: the run is complete, all {spec.draws} draws of "
+        f"{spec.chains} chains kept{where}",
+        trace,
+        chain=spec.chains - 1,
+        step=-1,
+    ) from KeyboardInterrupt()
 
 
 def _loaded(trace: Any) -> Any:
