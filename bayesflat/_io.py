@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_bytes", "write_text"]
 
 
 @contextlib.contextmanager
@@ -32,3 +32,18 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (temp file, fsync, rename); return the path.
+
+    A full disk or a killed process leaves the previous file (or none), never a truncated one.
+    """
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename); return the path."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)

@@ -64,12 +64,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``bayesflat run`` (the defaults are the embedded digits run)."""
     p.add_argument("--sampler", default="fsgld", help="registry name (see `bayesflat samplers`)")
     p.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="reference network")
-    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--chains", type=int, default=4, help="independent chains")
     p.add_argument("--draws", type=int, default=100, help="draws kept per chain")
     p.add_argument("--burn-in", type=int, default=1000, help="steps discarded per chain")
     p.add_argument("--thin", type=int, default=20, help="steps between kept draws")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="minibatch size |B|")
+    p.add_argument("--seed", type=int, default=0, help="root seed of every chain")
     p.add_argument("--lr", type=float, default=0.1, help="step size, mean-loss units")
     p.add_argument(
         "--temperature", type=float, default=None, help="T (default 1; 0 for optimisers)"
@@ -143,9 +143,14 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+_MAX_REPLICATES = 100_000  # bayesflat.predictive.MAX_REPLICATES, without importing torch
+
+
 def _report_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.replicates < 2:
-        raise CLIError(f"--replicates must be at least 2, got {args.replicates}")
+    if not 2 <= args.replicates <= _MAX_REPLICATES:
+        raise CLIError(
+            f"--replicates must be between 2 and {_MAX_REPLICATES}, got {args.replicates}"
+        )
     return {"n_boot": args.replicates, "ensemble": args.ensemble, "method": args.mc_error}
 
 
@@ -167,8 +172,7 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
     for name in ("sigma", "eta"):
         if settings.get(name) is not None:
             options[name] = settings[name]
-    if settings["threads"] < 1:
-        raise CLIError(f"--threads must be >= 1, got {settings['threads']}")
+    _check_threads(settings["threads"])
     torch.set_num_threads(settings["threads"])
     digits = bdata.load_digits_split(val_size=settings["val_size"], flatten=True)
     eval_sets: dict[str, Any] = {"test": (digits.x_test, digits.y_test)}
@@ -192,6 +196,14 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
         **options,
     }
     return model, (digits.x_train, digits.y_train), eval_sets, kwargs
+
+
+def _check_threads(threads: int) -> None:
+    import os
+
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= cpus:
+        raise CLIError(f"--threads must be between 1 and {cpus} (the CPUs here), got {threads}")
 
 
 def rebuild_run(recipe: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
@@ -247,6 +259,21 @@ def _shared_output(out_dir: Path, world: int) -> Path:
     return Path(box[0])
 
 
+def _owned(out_dir: Path, rank: int) -> Any:
+    """Hold the run folder's lock from sampling through the report (rank 0 only)."""
+    import contextlib
+
+    from bayesflat.run.lock import run_lock
+
+    if rank != 0 or (out_dir.exists() and not out_dir.is_dir()):
+        return contextlib.nullcontext()  # sample() names the problem
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--output {out_dir}: cannot create the folder ({err.strerror})") from None
+    return run_lock(out_dir)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Sample the digits posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
     import bayesflat
@@ -296,20 +323,34 @@ def run_command(args: argparse.Namespace) -> int:
             device=_device(args.device),
             recipe={"rebuild": "bayesflat.cli:rebuild_run", "args": settings}, **kwargs,
         )  # fmt: skip
-    try:
-        result = call()
-    except bayesflat.SamplingError as err:
-        raise CLIError(str(err)) from None
-    if rank != 0:
-        return 0
-    report = build_report(result, figures=not args.no_report, **report_options)
-    paths = report.save(out_dir, html=not args.no_report)
+    args.kept_in = out_dir
+    with _owned(out_dir, rank):
+        try:
+            result = call()
+        except bayesflat.SamplingError as err:
+            if isinstance(err.__cause__, KeyboardInterrupt):
+                raise KeyboardInterrupt(str(err)) from None
+            raise CLIError(str(err)) from None
+        if rank != 0:
+            return 0
+        report = build_report(result, figures=not args.no_report, **report_options)
+        paths = report.save(out_dir, html=not args.no_report)
+    written = [Path(out_dir) / "trace.nc", *paths.values()]
+    args.payload = headline_json(report.summary, written)
     print(report.headline())
-    print(f"wrote {', '.join(str(p) for p in (Path(out_dir) / 'trace.nc', *paths.values()))}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
+def _existing(path: Path, what: str) -> Path:
+    """``path`` if it exists (checked before the heavy imports, so a typo fails at once)."""
+    if not path.exists():
+        raise CLIError(f"{path} does not exist; pass {what}")
+    return path
+
+
 def _trace_path(path: Path) -> Path:
+    _existing(path, "a trace file (.nc) or a run folder holding trace.nc")
     if path.is_dir():
         candidate = path / "trace.nc"
         if not candidate.is_file():
@@ -330,13 +371,14 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 def report_command(args: argparse.Namespace) -> int:
     """Write ``metrics.json`` and ``report.html`` for a saved trace."""
+    report_options = _report_options(args)
+    path = _trace_path(args.trace)
     from bayesflat import trace as btrace
     from bayesflat.report import build_report
 
-    report_options = _report_options(args)
-    path = _trace_path(args.trace)
     report = build_report(btrace.load(path), **report_options)
     paths = report.save(args.output or path.parent)
+    args.payload = headline_json(report.summary, list(paths.values()))
     print(report.headline())
     print(f"wrote {paths['json']} and {paths['html']}")
     return 0
@@ -367,14 +409,23 @@ def _run_names(paths: Sequence[Path]) -> list[str]:
 
 def compare_command(args: argparse.Namespace) -> int:
     """Compare several runs: one table with Monte-Carlo errors and a combined reliability plot."""
+    report_options = _report_options(args)
+    for path in args.runs:
+        _existing(path, "run folders of `bayesflat run`, metrics.json files or trace files")
+    names = _run_names(args.runs)
     from bayesflat.report import compare, load_summary
 
-    report_options = _report_options(args)
-    names = _run_names(args.runs)
     summaries = {name: load_summary(path, **report_options) for name, path in
                  zip(names, args.runs, strict=True)}  # fmt: skip
     comparison = compare(summaries)
     paths = comparison.save(args.output)
+    args.payload = {
+        "runs": {
+            run["name"]: _metrics_json(run["metrics"], run["ood_auroc"])
+            for run in comparison.summary["runs"]
+        },
+        "files": [str(p) for p in paths.values()],
+    }
     print(comparison.table())
     print(f"wrote {paths['json']}, {paths['html']} and {paths['png']}")
     return 0
@@ -385,6 +436,11 @@ def samplers_command(args: argparse.Namespace) -> int:
     from bayesflat import samplers
 
     entries = samplers.describe()
+    args.payload = [
+        {"name": e.name, "kind": "sampler" if e.is_sampler else "optimiser",
+         "summary": e.summary, "reference": e.reference}
+        for e in entries
+    ]  # fmt: skip
     width = max(len(e.name) for e in entries)
     for e in entries:
         kind = "sampler" if e.is_sampler else "optimiser"
@@ -394,12 +450,59 @@ def samplers_command(args: argparse.Namespace) -> int:
 
 def diagnose_command(args: argparse.Namespace) -> int:
     """Print the diagnose table of a saved trace; write diagnostics.json and .html beside it."""
+    _existing(args.trace, "a trace file (.nc) or a run folder holding trace.nc")
     from bayesflat.diagnostics.report import write_diagnostics
 
     result, json_path, html_path = write_diagnostics(args.trace)
+    args.payload = {**result.to_dict(), "files": [str(json_path), str(html_path)]}
     print(result.to_text())
     print(f"wrote {json_path} and {html_path}")
     return 0
+
+
+def _metrics_json(metrics: dict[str, Any], ood_auroc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: metrics[k] for k in ("accuracy", "nll", "ece") if k in metrics}
+    out["ood_auroc"] = dict(ood_auroc)
+    return out
+
+
+def headline_json(summary: dict[str, Any], files: Sequence[Path]) -> dict[str, Any]:
+    """The headline metrics of a report summary as a JSON-ready dict (``--json``).
+
+    ``{"test_set", "n", "ensemble", "accuracy", "nll", "ece", "ood_auroc": {set: metric},
+    "temperature_scaled", "files"}``; every metric is ``{"value", "mc_error"}``, AUROC of the
+    predictive-entropy score.
+    """
+    from bayesflat.report import HEADLINE_SCORE
+
+    test = summary["test"]
+    ood = {
+        name: block["scores"].get(HEADLINE_SCORE, {}).get("auroc")
+        for name, block in summary.get("ood", {}).items()
+    }
+    scaling = test.get("temperature_scaling")
+    return {
+        "test_set": test["set"],
+        "n": test["n"],
+        "ensemble": summary["ensemble"]["kind"],
+        **_metrics_json(test["metrics"], ood),
+        "temperature_scaled": (
+            {"temperature": scaling["temperature"], **scaling["metrics"]} if scaling else None
+        ),
+        "files": [str(p) for p in files],
+    }
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """``-q/--quiet`` and ``--json``, shared by every command."""
+    p.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="print nothing but errors (no progress, tables or file list)",
+    )  # fmt: skip
+    p.add_argument(
+        "--json", action="store_true",
+        help="print only the headline results as one JSON document on stdout",
+    )  # fmt: skip
 
 
 class Command(NamedTuple):
@@ -426,37 +529,147 @@ COMMANDS: list[Command] = [
 """The sub-commands of ``bayesflat``, in help order; append a :class:`Command` to add one."""
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written; every option's help ends with its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is argparse.SUPPRESS
+            or action.nargs == 0  # flags: off unless given
+            or not action.option_strings
+        ):
+            return text
+        shown = "none" if action.default is None or action.default == [] else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def _description() -> str:
+    """The top-level help text (plain text; the command list follows it)."""
+    return (
+        "bayesflat: flatness-aware stochastic-gradient MCMC for Bayesian deep learning.\n"
+        "Sample neural-network posteriors, report calibration and OOD detection with\n"
+        "Monte-Carlo errors, and diagnose convergence.\n"
+        "`bayesflat COMMAND --help` lists the options of a command."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bayesflat`` argument parser with every sub-command of :data:`COMMANDS`."""
-    parser = _Parser(prog="bayesflat", description=__doc__.splitlines()[0])
     from bayesflat import __version__
 
+    parser = _Parser(prog="bayesflat", description=_description(), formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"bayesflat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        metavar="COMMAND",
+        title="commands",
+    )
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        p = sub.add_parser(
+            command.name, help=command.help, description=command.help,
+            formatter_class=_HelpFormatter,
+        )  # fmt: skip
         if command.add_arguments is not None:
             command.add_arguments(p)
+        add_output_options(p)
         p.set_defaults(func=command.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bayesflat`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "run" and args.resume is not None:
-        args.explicit = _explicit(argv, args)
+def _restore_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt from the first instruction on (even if inherited off)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _kept(args: argparse.Namespace | None, err: BaseException) -> str:
+    """One line saying what an interrupted command kept."""
+    message = " ".join(str(err).split())
+    if message:
+        return message
+    out_dir = getattr(args, "kept_in", None)
+    if out_dir is None:
+        return "nothing half-written (every file is replaced whole or not at all)"
+    out_dir = Path(out_dir)
+    done = [n for n in ("trace.nc", "metrics.json", "report.html") if (out_dir / n).is_file()]
+    if done:
+        return f"kept {', '.join(done)} in {out_dir}"
+    if any(out_dir.glob("chains/*/checkpoint.pt")):
+        return f"kept the checkpointed draws in {out_dir}; continue with --resume {out_dir}"
+    return f"nothing kept in {out_dir}"
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, exit 0."""
+    import os
+
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a file descriptor (tests); nothing will be flushed to it
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command with ``--quiet`` / ``--json`` applied to what it prints."""
+    import contextlib
+    import io
+    import json
+
+    if not (args.quiet or args.json):
         return int(args.func(args))
-    except (CLIError, ValueError, TypeError, OSError) as err:
-        # One line, whatever the message holds (HDF5 errors span several).
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"bayesflat {args.command}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"bayesflat {args.command}: interrupted", file=sys.stderr)
+    if hasattr(args, "no_progress"):
+        args.no_progress = True
+    import logging
+    import warnings
+
+    logging.getLogger("arviz").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        code = int(args.func(args))
+    if args.json and code == 0:
+        print(json.dumps(getattr(args, "payload", None), indent=2, allow_nan=False))
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bayesflat`` command.
+
+    Exit status: 0 on success (also when the reader of stdout goes away), 1 on an error
+    (one line on stderr), 2 on a usage error, 130 on Ctrl-C (one line saying what was kept).
+    """
+    _restore_sigint()
+    args: argparse.Namespace | None = None
+    name = "bayesflat"
+    try:
+        args = build_parser().parse_args(argv)
+        name = f"bayesflat {args.command}"
+        if args.command == "run" and args.resume is not None:
+            args.explicit = _explicit(argv, args)
+        try:
+            code = _run(args)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            return _stdout_closed()
+        except (CLIError, ValueError, TypeError, OSError) as err:
+            # One line, whatever the message holds (HDF5 errors span several).
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"{name}: error: {message}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt as err:
+        print(f"{name}: interrupted: {_kept(args, err)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ __all__ = [
     "variation_ratio",
 ]
 
+MAX_REPLICATES = 100_000
+"""Most bootstrap replicates :func:`estimate` accepts."""
+
 ENSEMBLES = ("bma", "final")
 """Ways of turning the draws into a prediction: BMA of all draws, or the last draw per chain."""
 
@@ -657,6 +660,11 @@ def estimate(
     check_choice(method, "method", MC_METHODS)
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
         raise ValueError(f"n_boot must be an integer >= 2, got {n_boot!r}")
+    if n_boot > MAX_REPLICATES:
+        raise ValueError(
+            f"n_boot must be <= {MAX_REPLICATES} (the Monte-Carlo error of an error bar from "
+            f"{MAX_REPLICATES} replicates is already below 1%), got {n_boot!r}"
+        )
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}
     if not arrays:
         raise ValueError("features is empty; pass at least one per-draw array")

@@ -21,6 +21,7 @@ means more OOD.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bayesflat import metrics, predictive
+from bayesflat import _io, metrics, predictive
 from bayesflat import trace as _trace
 from bayesflat.diagnostics.report import diagnose
 from bayesflat.diagnostics.verdict import trace_verdict, verdict_html, verdict_text
@@ -141,10 +142,10 @@ class Report:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "metrics.json"}
-        paths["json"].write_text(self.to_json(), encoding="utf-8")
+        _io.write_text(paths["json"], self.to_json())
         if html:
             paths["html"] = out / "report.html"
-            paths["html"].write_text(self.to_html(), encoding="utf-8")
+            _io.write_text(paths["html"], self.to_html())
         return paths
 
 
@@ -232,6 +233,7 @@ def build_report(
         "test": {
             "set": test,
             "n": test_ens.size,
+            "labels_sha256": labels_digest(test_ens.labels),
             "metrics": {k: cal[k].to_dict() for k in predictive.CALIBRATION_METRICS},
             "temperature_scaling": None,
             "reliability": None,
@@ -1248,6 +1250,8 @@ def load_summary(path: str | Path, **options: Any) -> dict[str, Any]:
                 return summary
         trace_path = path / "trace.nc"
         if not trace_path.is_file():
+            if candidate.is_file():
+                return _read_summary(candidate, strict=True)  # says what is wrong with it
             raise FileNotFoundError(
                 f"{path} holds neither a report metrics.json nor a trace.nc; pass a run folder "
                 "written by `bayesflat run`"
@@ -1258,6 +1262,37 @@ def load_summary(path: str | Path, **options: Any) -> dict[str, Any]:
     if path.suffix == ".json":
         return _read_summary(path, strict=True)
     return build_report(_trace.load(path), figures=False, **options).summary
+
+
+def labels_digest(labels: Any) -> str:
+    """SHA-256 of the labels as little-endian int64 (hex): the identity of a test set.
+
+    Two runs are scored on the same test set when their sizes and digests agree.
+    """
+    values = np.ascontiguousarray(np.asarray(labels), dtype="<i8")
+    return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+_SUMMARY_KEYS = (
+    ("ensemble", "kind"), ("ensemble", "description"), ("mc_error", "description"),
+    ("test", "set"), ("test", "n"), ("test", "labels_sha256"), ("test", "metrics"),
+    ("test", "reliability"),
+)  # fmt: skip
+"""Keys of a report summary that :func:`compare` reads."""
+
+
+def _missing_key(summary: Mapping[str, Any]) -> str | None:
+    """The first of :data:`_SUMMARY_KEYS` absent from ``summary`` (dotted), or None."""
+    for keys in _SUMMARY_KEYS:
+        node: Any = summary
+        for depth, key in enumerate(keys):
+            if not isinstance(node, Mapping) or key not in node:
+                return ".".join(keys[: depth + 1])
+            node = node[key]
+    for metric in ("accuracy", "nll", "ece"):
+        if metric not in summary["test"]["metrics"]:
+            return f"test.metrics.{metric}"
+    return None
 
 
 def _read_summary(path: Path, *, strict: bool) -> dict[str, Any] | None:
@@ -1271,6 +1306,14 @@ def _read_summary(path: Path, *, strict: bool) -> dict[str, Any] | None:
         if not strict:
             return None
         raise ValueError(f"{path} is not a bayesflat report (its format is not {FORMAT!r})")
+    missing = _missing_key(summary)
+    if missing is not None:
+        if not strict:
+            return None
+        raise ValueError(
+            f"{path} lacks the key {missing!r} of a bayesflat report; write it again with "
+            "`bayesflat report` on the run's trace"
+        )
     return summary
 
 
@@ -1368,9 +1411,9 @@ class Comparison:
             "html": out / "comparison.html",
             "png": out / "reliability.png",
         }
-        paths["json"].write_text(self.to_json(), encoding="utf-8")
-        paths["html"].write_text(self.to_html(), encoding="utf-8")
-        paths["png"].write_bytes(self.figure)
+        _io.write_text(paths["json"], self.to_json())
+        _io.write_text(paths["html"], self.to_html())
+        _io.write_bytes(paths["png"], self.figure)
         return paths
 
 
@@ -1394,8 +1437,13 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> Comparison:
     sets: list[str] = []
     entries = []
     for name, summary in runs.items():
-        if summary.get("format") != FORMAT:
+        if not isinstance(summary, Mapping) or summary.get("format") != FORMAT:
             raise ValueError(f"runs[{name!r}] is not a bayesflat report summary")
+        missing = _missing_key(summary)
+        if missing is not None:
+            raise ValueError(f"runs[{name!r}] lacks the key {missing!r} of a report summary")
+    _check_same_test_set(runs)
+    for name, summary in runs.items():
         test = summary["test"]
         scaling = test.get("temperature_scaling")
         ood = {}
@@ -1459,6 +1507,24 @@ def _budget_warning(entries: Sequence[Mapping[str, Any]]) -> str | None:
     if missing and len(entries) > 1:
         parts.append(f"unknown gradient evaluations per chain for {', '.join(missing)}")
     return "; ".join(parts) or None
+
+
+def _check_same_test_set(runs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse runs scored on different test sets (size or label digest differ)."""
+    first, *others = runs
+    ref = runs[first]["test"]
+    for name in others:
+        test = runs[name]["test"]
+        if test["n"] != ref["n"] or test["labels_sha256"] != ref["labels_sha256"]:
+            what = (
+                f"{ref['n']} and {test['n']} examples"
+                if test["n"] != ref["n"]
+                else f"the same size ({ref['n']}) but different labels"
+            )
+            raise ValueError(
+                f"runs {first!r} and {name!r} are scored on different test sets ({what}); "
+                "compare only runs evaluated on the same test set"
+            )
 
 
 def _comparison_figure(entries: Sequence[Mapping[str, Any]]) -> bytes:

@@ -72,7 +72,10 @@ def assert_same_draws(a, b, skip: tuple[str, ...] = ()) -> None:
 
 
 class _InterruptAt:
-    """A per-draw statistic that raises KeyboardInterrupt (a Ctrl-C) at its ``at``-th call."""
+    """A per-draw statistic raising KeyboardInterrupt (a Ctrl-C) at its ``at``-th call.
+
+    The run calls it once before the first step (the preflight check), then at every draw.
+    """
 
     def __init__(self, at: int) -> None:
         self.at, self.calls = at, 0
@@ -96,7 +99,7 @@ def test_n_draws_resume_n_draws_equals_2n_straight(sampler, tmp_path):
     # Interrupted at the 7th recorded draw: chain 0 half done (swag: inside its draw phase).
     with pytest.raises(KeyboardInterrupt):
         bayesflat.sample(
-            _model(), (x, y), stats_fns={"probe": _InterruptAt(7)}, output=tmp_path,
+            _model(), (x, y), stats_fns={"probe": _InterruptAt(8)}, output=tmp_path,
             checkpoint_every=2, **kw,
         )  # fmt: skip
     state = load_checkpoint(tmp_path / "chains" / "chain_0000" / "checkpoint.pt")
@@ -220,7 +223,7 @@ def test_resume_refuses_different_settings(tmp_path):
     x, y = _toy()
     with pytest.raises(KeyboardInterrupt):
         bayesflat.sample(_model(), (x, y), output=tmp_path, checkpoint_every=1,
-                         stats_fns={"probe": _InterruptAt(3)}, **_kwargs())  # fmt: skip
+                         stats_fns={"probe": _InterruptAt(4)}, **_kwargs())  # fmt: skip
     with pytest.raises(
         ValueError, match=r"differ from the stored run: lr \(run folder: 0.05, now: 0.1\)"
     ):
@@ -320,6 +323,13 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_p
         proc.wait(timeout=30)
         kills += 1
         _every_file_readable(folder)
+        if kills == 1 and (folder / ".lock").exists():  # reported, with how to clear it
+            refused = _cli(["--resume", str(folder)])
+            assert refused.wait(timeout=300) == 1
+            message = refused.stderr.read().decode()
+            assert f"{folder} has a stale lock: process {proc.pid}" in message
+            assert f"remove {folder / '.lock'}" in message
+        (folder / ".lock").unlink(missing_ok=True)
         proc = _cli(["--resume", str(folder)])
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     assert kills >= 5

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from bayesflat import _io
 from bayesflat.diagnostics.convergence import (
     DEFAULT_THRESHOLDS,
     _batch_means,
@@ -458,7 +459,7 @@ def diagnose(trace: Any, *, thresholds: Mapping[str, float] | None = None) -> Di
             f"unknown thresholds {sorted(unknown)}; known: {sorted(DIAGNOSE_THRESHOLDS)}"
         )
     t = {**DIAGNOSE_THRESHOLDS, **{k: float(v) for k, v in (thresholds or {}).items()}}
-    grp = groups(trace)
+    grp = _kept_groups(groups(trace), trace)
     stats = grp.get("sample_stats")
     run = _run_facts(trace, stats)
     notes: list[str] = []
@@ -479,6 +480,40 @@ def diagnose(trace: Any, *, thresholds: Mapping[str, float] | None = None) -> Di
     if run.get("complete") is False:
         notes.append("the trace is partial: sampling stopped early")
     return Diagnosis(rows=rows, thresholds=t, run=run, notes=notes)
+
+
+def _kept_groups(grp: dict[str, Any], trace: Any) -> dict[str, Any]:
+    """The groups cut to what was kept: chains with draws, up to the shortest of them.
+
+    A run that stopped early pads the draws it did not reach with NaN (its ``draws_kept``
+    attribute says how many each chain kept); R-hat and ESS are computed on the kept draws.
+
+    Raises
+    ------
+    ValueError
+        If the trace holds no draw at all.
+    """
+    from bayesflat.trace import trace_attrs
+
+    sampled = {name: data for name, data in grp.items() if {"chain", "draw"} <= set(data.dims)}
+    if not sampled:
+        raise ValueError(
+            "the trace holds no draws (no group with chain and draw dimensions); diagnose a "
+            "trace written by bayesflat.sample or bayesflat run"
+        )
+    kept = trace_attrs(trace).get("draws_kept")
+    if kept is None:
+        return grp
+    kept = [int(k) for k in np.atleast_1d(kept)]
+    chains = [c for c, k in enumerate(kept) if k > 0]
+    if not chains:
+        raise ValueError(
+            "the trace holds no kept draw (draws_kept is 0 for every chain): the run stopped "
+            "before its first draw; nothing to diagnose"
+        )
+    draws = min(kept[c] for c in chains)
+    cut = {name: data.isel(chain=chains, draw=slice(0, draws)) for name, data in sampled.items()}
+    return {**grp, **cut}
 
 
 def diagnostics_section(trace: Any, *, thresholds: Mapping[str, float] | None = None) -> str:
@@ -537,6 +572,6 @@ def write_diagnostics(
     folder = trace_path.parent
     json_path, html_path = folder / "diagnostics.json", folder / "diagnostics.html"
     payload = {"trace": trace_path.name, **result.to_dict()}
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    html_path.write_text(result.to_html() + "\n")
+    _io.write_text(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    _io.write_text(html_path, result.to_html() + "\n")
     return result, json_path, html_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -22,6 +23,7 @@ from bayesflat.run import distributed as _distributed
 from bayesflat.run.chain import preflight
 from bayesflat.run.checkpoint import ChainState
 from bayesflat.run.executors import ChainOutcome, Interrupt, run_processes, run_sequential
+from bayesflat.run.lock import run_lock
 from bayesflat.run.progress import Progress
 from bayesflat.run.sinks import (
     FolderSink,
@@ -46,6 +48,8 @@ from bayesflat.target.torch import Likelihood, Prior
 
 __all__ = ["SamplingError", "make_spec", "resume", "sample"]
 
+MAX_STEPS = 10**9
+"""Most steps one chain may be asked to run (``burn_in + draws * thin``)."""
 EXECUTORS = ("auto", "sequential", "processes", "distributed", "vectorised")
 _FORMAT = "bayesflat-run"
 
@@ -56,7 +60,8 @@ class SamplingError(RuntimeError):
     ``trace`` is ``None`` when the stop came before the first kept draw. Draws that were not
     reached are NaN; the trace's root attrs carry ``complete = False``, ``stop_reason`` and
     ``draws_kept`` per chain. A run with an output folder has checkpointed every chain there:
-    :func:`resume` continues it.
+    :func:`resume` continues it. A Ctrl-C that arrives after every chain's last step raises
+    this too (from ``KeyboardInterrupt``), with the complete trace.
     """
 
     def __init__(self, message: str, trace: Any, *, chain: int, step: int) -> None:
@@ -186,7 +191,9 @@ def sample(
         Where chains run (default: the model's device).
     stats_fns : mapping, optional
         ``name -> fn(model, sampler)`` evaluated at every kept draw; each returns a number or
-        an array recorded in ``sample_stats``. Functions must be picklable for ``workers > 1``.
+        an array recorded in ``sample_stats``. Each is also called once on the initial model
+        before the first step, so that a failing function or a name the run records itself
+        is refused before any sampling. Functions must be picklable for ``workers > 1``.
     recipe : mapping, optional
         JSON-able description from which :func:`resume` can rebuild ``model``, ``train_data``
         and ``eval_sets`` (``bayesflat run`` stores its arguments).
@@ -243,25 +250,26 @@ def sample(
 
         check_vectorisable(spec)
     static = _static(spec)
+    with contextlib.ExitStack() as owner:
 
-    def prepare() -> RunFolder | None:
-        folder = _prepare_folder(output, overwrite)
-        if folder is None:
-            _capacity(spec, None, disk=False)
-            return None
-        _capacity(spec, folder.path, disk=True)
-        folder.write_meta(_meta(spec, static, recipe, status="running"))
-        folder.write_static(static)
-        return folder
+        def prepare() -> RunFolder | None:
+            folder = _prepare_folder(output, overwrite, owner)
+            if folder is None:
+                _capacity(spec, None, disk=False)
+                return None
+            _capacity(spec, folder.path, disk=True)
+            folder.write_meta(_meta(spec, static, recipe, status="running"))
+            folder.write_static(static)
+            return folder
 
-    folder = _distributed.on_rank_zero(prepare, distributed=executor == "distributed")
-    if folder is None and output is not None:
-        folder = RunFolder(output)
-    trace = _execute(
-        spec, static, folder, {}, executor=executor, workers=workers, parallel=parallel,
-        progress=progress, checkpoint_every=every,
-    )  # fmt: skip
-    return _on_divergence(trace, on_divergence)
+        folder = _distributed.on_rank_zero(prepare, distributed=executor == "distributed")
+        if folder is None and output is not None:
+            folder = RunFolder(output)
+        trace = _execute(
+            spec, static, folder, {}, executor=executor, workers=workers, parallel=parallel,
+            progress=progress, checkpoint_every=every,
+        )  # fmt: skip
+        return _on_divergence(trace, on_divergence)
 
 
 def _on_divergence(trace: Any, mode: str) -> Any:
@@ -346,6 +354,33 @@ def resume(
             f"{folder.path} holds no run to resume (no run.json); start one with "
             "bayesflat.sample(..., output=...) or `bayesflat run --output`"
         )
+    distributed = _distributed.world_size() > 1
+    owner = contextlib.ExitStack()
+    with owner:
+        _distributed.on_rank_zero(
+            lambda: owner.enter_context(run_lock(folder.path)), distributed=distributed
+        )
+        return _resume_locked(
+            folder, model, train_data, eval_sets=eval_sets, stats_fns=stats_fns,
+            progress=progress, workers=workers, executor=executor, parallel=parallel,
+            checkpoint_every=checkpoint_every, settings=settings,
+        )  # fmt: skip
+
+
+def _resume_locked(
+    folder: RunFolder,
+    model: Any,
+    train_data: Any,
+    *,
+    eval_sets: Any,
+    stats_fns: Any,
+    progress: bool,
+    workers: int,
+    executor: str,
+    parallel: str,
+    checkpoint_every: int | None,
+    settings: dict[str, Any],
+) -> Any:
     meta = folder.read_meta()
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{folder.run_json} is not a bayesflat run description")
@@ -428,6 +463,12 @@ def make_spec(
     for name, minimum in (("chains", 1), ("burn_in", 0), ("draws", 1), ("thin", 1),
                           ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0)):  # fmt: skip
         check_int(locals()[name], name, minimum)
+    steps = burn_in + draws * thin
+    if steps > MAX_STEPS:
+        raise ValueError(
+            f"burn_in + draws * thin = {steps:,} steps per chain exceeds {MAX_STEPS:,} (days of "
+            "sampling even at 1 ms a step); lower burn_in, draws or thin"
+        )
     check_choice(init, "init", ("reset", "model"))
     if not (callable(lr) or math.isfinite(check_positive(lr, "lr"))):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -532,7 +573,8 @@ def _choose_executor(executor: str, workers: int) -> str:
 # -- the run folder -------------------------------------------------------------------------------
 
 
-def _prepare_folder(output: Any, overwrite: bool) -> RunFolder | None:
+def _prepare_folder(output: Any, overwrite: bool, owner: contextlib.ExitStack) -> RunFolder | None:
+    """Check ``output``, take its lock (held until ``owner`` closes) and clear it if asked."""
     if output is None:
         return None
     if not isinstance(output, str | os.PathLike):
@@ -541,6 +583,10 @@ def _prepare_folder(output: Any, overwrite: bool) -> RunFolder | None:
     path = folder.path
     if path.exists() and not path.is_dir():
         raise ValueError(f"output={str(path)!r} is a file; give a folder for the run")
+    try:
+        owner.enter_context(run_lock(path))
+    except OSError as err:
+        raise ValueError(f"output folder {path} is not writable: {err.strerror or err}") from None
     if folder.exists() or folder.trace_nc.exists():
         if not overwrite:
             state = "a finished run" if folder.trace_nc.exists() else "an unfinished run"
@@ -765,7 +811,10 @@ def _execute(
                         sink.begin(c, state.kept)
             bar.close()
             static.attrs["wall_time_s"] = time.perf_counter() - t0
-            return _finish(spec, static, folder, sink, outcomes, temporary)
+            trace = _finish(spec, static, folder, sink, outcomes, temporary)
+            if stop.is_set():
+                _late_interrupt(spec, folder, trace)
+            return trace
         finally:
             bar.close()
             if temporary is not None:
@@ -812,6 +861,18 @@ def _finish(
     if bad.status == "stopped":
         raise error from KeyboardInterrupt()
     raise error
+
+
+def _late_interrupt(spec: RunSpec, folder: RunFolder | None, trace: Any) -> None:
+    """A Ctrl-C that came after every chain's last step still stops the caller."""
+    where = f" (in {folder.trace_nc})" if folder is not None else ""
+    raise SamplingError(
+        f"interrupted after the last step: the run is complete, all {spec.draws} draws of "
+        f"{spec.chains} chains kept{where}",
+        trace,
+        chain=spec.chains - 1,
+        step=-1,
+    ) from KeyboardInterrupt()
 
 
 def _loaded(trace: Any) -> Any:

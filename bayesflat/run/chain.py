@@ -268,9 +268,12 @@ def preflight(spec: RunSpec) -> None:
     device = torch.device(spec.device)
     seeds = chain_seeds(spec.seed, 0)
     target = spec.target.build(seeds.init, device)
+    _check_train_tensors(spec, target)
     stream = MinibatchStream(spec.train, spec.batch_size, seeds.data, device)
     xb, yb = next(stream)
     module = target.module
+    if target.categorical and spec.train.is_tensors:
+        _check_train_labels(spec, target, xb)
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seeds.model)
         try:
@@ -304,19 +307,85 @@ def preflight(spec: RunSpec) -> None:
                         f"eval_sets[{s.name!r}] has label {int(s.labels.max())} but the model "
                         f"has {n_out} outputs (labels must be in [0, {n_out}))"
                     )
-    if target.categorical and spec.train.is_tensors:
-        y = spec.train.y
-        assert y is not None
-        if y.is_floating_point() and not bool((y == y.round()).all()):
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        _check_stats_fns(spec, target)
+
+
+def _check_train_tensors(spec: RunSpec, target: Any) -> None:
+    """Refuse non-finite training inputs and non-integer class labels before any step."""
+    if not spec.train.is_tensors:
+        return
+    x, y = spec.train.x, spec.train.y
+    if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0, 0]) if x.ndim > 1 else 0
+        raise ValueError(
+            f"train_data[0] (the inputs) hold NaN or infinite values (first in example {bad}); "
+            "clean or drop those examples"
+        )
+    if target.categorical and y is not None:
+        if y.is_floating_point() and not (
+            bool(torch.isfinite(y).all()) and bool((y == y.round()).all())
+        ):
             raise ValueError(
-                "train_data targets must be integer class labels for a categorical likelihood"
+                "train_data[1] must hold integer class labels; it holds non-integer values "
+                f"such as {y[y != y.round()][:1].tolist()}"
             )
-        with _eval_mode(module), torch.no_grad():
+        if y.dtype == torch.bool or y.is_complex():
+            raise ValueError(f"train_data[1] must hold integer class labels, got dtype {y.dtype}")
+
+
+def _check_train_labels(spec: RunSpec, target: Any, xb: Tensor) -> None:
+    """Refuse training labels outside ``[0, outputs)`` of the model."""
+    y = spec.train.y
+    assert y is not None
+    try:
+        with _eval_mode(target.module), torch.no_grad():
             n_out = int(target.predict(xb[:1]).shape[-1])
-        if int(y.min()) < 0 or int(y.max()) >= n_out:
+    except RuntimeError as err:
+        raise ValueError(
+            "train_data[0] (the inputs) do not fit the model: " + " ".join(str(err).split())
+        ) from None
+    if int(y.min()) < 0 or int(y.max()) >= n_out:
+        raise ValueError(
+            f"train_data[1] must hold class labels in [0, {n_out}) for a model with {n_out} "
+            f"outputs; they range over [{int(y.min())}, {int(y.max())}]"
+        )
+
+
+_GENERATED_STATS = ("potential", "lp", "step")
+"""Sample-stats names every run records besides the sampler's own statistics."""
+
+
+def _check_stats_fns(spec: RunSpec, target: Any) -> None:
+    """Evaluate every ``stats_fns`` entry once on the initial model: a finite number or array.
+
+    Names that the run records itself (the sampler's statistics, ``potential``, ``lp``,
+    ``step``) are refused: the function would overwrite them.
+    """
+    if not spec.stats_fns:
+        return
+    sampler = make_sampler(
+        spec.sampler, target.module.parameters(), lr=spec.lr, num_data=spec.num_data,
+        temperature=spec.temperature, generator=None, options=dict(spec.options),
+    )  # fmt: skip
+    generated = {*_GENERATED_STATS, *sampler.stats()}
+    for name, fn in spec.stats_fns.items():
+        if name in generated:
             raise ValueError(
-                f"train_data targets must be class labels in [0, {n_out}); they range over "
-                f"[{int(y.min())}, {int(y.max())}]"
+                f"stats_fns[{name!r}] collides with the statistic {name!r} the run records "
+                f"itself (taken: {sorted(generated)}); rename it"
+            )
+        try:
+            value = np.asarray(fn(target.module, sampler), dtype=np.float64)
+        except Exception as err:  # noqa: BLE001 - any failure of user code is reported here
+            raise ValueError(
+                f"stats_fns[{name!r}] fails on the initial model: {type(err).__name__}: "
+                f"{' '.join(str(err).split())}; it must return a number or an array"
+            ) from err
+        if not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"stats_fns[{name!r}] returns non-finite values on the initial model; it must "
+                "return finite numbers"
             )
 
 
