@@ -169,9 +169,7 @@ LR = 0.05
 
 T0_CASES = {
     # name: (sampler options, torch optimiser on the same parameters, lr at step t)
-    "psgld": ({}, lambda p: torch.optim.RMSprop(p, lr=LR, alpha=0.99, eps=1e-8), None),
-    "fpsgld": ({"alpha": 0.9, "eps": 1e-6},
-               lambda p: torch.optim.RMSprop(p, lr=LR, alpha=0.9, eps=1e-6), None),
+    # (psgld and fpsgld start their average at the first squared gradient: test_psgld.py)
     "sghmc": ({}, lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9), None),
     "fsghmc": ({"alpha": 0.3}, lambda p: torch.optim.SGD(p, lr=LR, momentum=0.7), None),
     "csgld": ({"total_steps": 24, "cycles": 3},
@@ -243,12 +241,15 @@ def test_emcmc_zero_temperature_is_sgd_on_the_joint_potential():
 
 
 def _fixed_preconditioner(cls, g_diag: np.ndarray, lr: float):
-    """A pSGLD-type sampler whose ``V`` is frozen (``alpha = 1``) at ``(1/g - eps)^2``."""
+    """A pSGLD-type sampler whose ``V`` is fixed at ``(1/g - eps)^2`` from the first step.
+
+    ``alpha = 1`` keeps the one adapting step (``adapt_steps=1``) from moving it.
+    """
     eps = 1e-8
     v = torch.as_tensor((1.0 / g_diag - eps) ** 2, dtype=torch.float64)
 
     def make(params):
-        opt = cls(params, lr=lr, num_data=N, temperature=T, alpha=1.0, eps=eps,
+        opt = cls(params, lr=lr, num_data=N, temperature=T, alpha=1.0, eps=eps, adapt_steps=1,
                   generator=torch.Generator().manual_seed(11))  # fmt: skip
         opt.state[params[0]]["square_avg"] = v.expand(CHAINS, D).clone()
         return opt
@@ -520,6 +521,7 @@ def test_resuming_from_state_dict_continues_the_chain_exactly(name):
     first = samplers.get(name)(model.parameters(), lr=LR, num_data=64,
                                generator=torch.Generator().manual_seed(21))  # fmt: skip
     first.planned_steps(0, 10, 2)
+    first.bind_schedule(4, 10, 2)  # pSGLD's preconditioner freezes after step 4, mid-run
     post = Posterior(model, num_data=64)
     for t in range(6):
         first.step(post.closure(x[8 * t : 8 * t + 8], y[8 * t : 8 * t + 8]))

@@ -140,6 +140,9 @@ class Dynamics:
     def validate(self, group: dict[str, Any]) -> None:
         """Check (and normalise) the hyperparameters this dynamics reads from ``group``."""
 
+    def bind_schedule(self, sampler: Sampler, burn_in: int, draws: int, thin: int) -> None:
+        """Resolve settings of ``sampler``'s groups that default to the run's schedule."""
+
     def stats(self, sampler: Sampler) -> dict[str, float]:
         """Per-step statistics this dynamics adds to ``sample_stats``."""
         return {}
@@ -300,11 +303,12 @@ class Sampler(torch.optim.Optimizer):
         return True
 
     def bind_schedule(self, burn_in: int, draws: int, thin: int) -> None:
-        """Resolve settings that default to the run's schedule (none here).
+        """Resolve settings that default to the run's schedule (those of the dynamics here).
 
         The run engine calls it before recording the sampler's settings and before every
         chain, so the trace attributes show the values the chains use.
         """
+        self.dynamics.bind_schedule(self, burn_in, draws, thin)
 
     def planned_steps(self, burn_in: int, draws: int, thin: int) -> int:
         """Steps a chain needs to keep ``draws`` draws: ``burn_in + draws * thin`` by default."""
