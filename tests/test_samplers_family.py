@@ -511,6 +511,38 @@ def test_cyclical_rejects_bad_settings():
         opt.step(lambda: torch.zeros(()))
 
 
+@pytest.mark.parametrize("name", ["csgld", "csghmc", "cfsgld"])
+def test_cyclical_refuses_a_torch_lr_scheduler(name):
+    x, y = _data()
+    model = _net()
+    post = Posterior(model, num_data=64)
+    opt = samplers.get(name)(model.parameters(), lr=LR, num_data=64, total_steps=24, cycles=3)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="lr_scheduler.*overridden silently"):
+        opt.step(post.closure(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    # an lr written by hand between steps is refused the same way
+    fresh = samplers.get(name)(model.parameters(), lr=LR, num_data=64, total_steps=24, cycles=3)
+    fresh.step(post.closure(x, y))
+    fresh.param_groups[0]["lr"] = 0.5 * fresh.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match="changed from outside"):
+        fresh.step(post.closure(x, y))
+
+
+def test_torch_lr_scheduler_drives_a_numeric_lr():
+    # the composition users want: a sampler with a number for lr follows the scheduler
+    x, y = _data()
+    model = _net()
+    post = Posterior(model, num_data=64)
+    opt = samplers.SGLD(model.parameters(), lr=LR, num_data=64)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for t in range(5):
+        opt.step(post.closure(x, y))
+        assert opt.stats()["step_size"] == LR * 0.5 ** (t // 2)
+        scheduler.step()
+
+
 # -- checkpoints, guide weights, validation --------------------------------------------------------
 
 
