@@ -169,9 +169,7 @@ LR = 0.05
 
 T0_CASES = {
     # name: (sampler options, torch optimiser on the same parameters, lr at step t)
-    "psgld": ({}, lambda p: torch.optim.RMSprop(p, lr=LR, alpha=0.99, eps=1e-8), None),
-    "fpsgld": ({"alpha": 0.9, "eps": 1e-6},
-               lambda p: torch.optim.RMSprop(p, lr=LR, alpha=0.9, eps=1e-6), None),
+    # (psgld and fpsgld start their average at the first squared gradient: test_psgld.py)
     "sghmc": ({}, lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9), None),
     "fsghmc": ({"alpha": 0.3}, lambda p: torch.optim.SGD(p, lr=LR, momentum=0.7), None),
     "csgld": ({"total_steps": 24, "cycles": 3},
@@ -243,12 +241,15 @@ def test_emcmc_zero_temperature_is_sgd_on_the_joint_potential():
 
 
 def _fixed_preconditioner(cls, g_diag: np.ndarray, lr: float):
-    """A pSGLD-type sampler whose ``V`` is frozen (``alpha = 1``) at ``(1/g - eps)^2``."""
+    """A pSGLD-type sampler whose ``V`` is fixed at ``(1/g - eps)^2`` from the first step.
+
+    ``alpha = 1`` keeps the one adapting step (``adapt_steps=1``) from moving it.
+    """
     eps = 1e-8
     v = torch.as_tensor((1.0 / g_diag - eps) ** 2, dtype=torch.float64)
 
     def make(params):
-        opt = cls(params, lr=lr, num_data=N, temperature=T, alpha=1.0, eps=eps,
+        opt = cls(params, lr=lr, num_data=N, temperature=T, alpha=1.0, eps=eps, adapt_steps=1,
                   generator=torch.Generator().manual_seed(11))  # fmt: skip
         opt.state[params[0]]["square_avg"] = v.expand(CHAINS, D).clone()
         return opt
@@ -510,6 +511,38 @@ def test_cyclical_rejects_bad_settings():
         opt.step(lambda: torch.zeros(()))
 
 
+@pytest.mark.parametrize("name", ["csgld", "csghmc", "cfsgld"])
+def test_cyclical_refuses_a_torch_lr_scheduler(name):
+    x, y = _data()
+    model = _net()
+    post = Posterior(model, num_data=64)
+    opt = samplers.get(name)(model.parameters(), lr=LR, num_data=64, total_steps=24, cycles=3)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="lr_scheduler.*overridden silently"):
+        opt.step(post.closure(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    # an lr written by hand between steps is refused the same way
+    fresh = samplers.get(name)(model.parameters(), lr=LR, num_data=64, total_steps=24, cycles=3)
+    fresh.step(post.closure(x, y))
+    fresh.param_groups[0]["lr"] = 0.5 * fresh.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match="changed from outside"):
+        fresh.step(post.closure(x, y))
+
+
+def test_torch_lr_scheduler_drives_a_numeric_lr():
+    # the composition users want: a sampler with a number for lr follows the scheduler
+    x, y = _data()
+    model = _net()
+    post = Posterior(model, num_data=64)
+    opt = samplers.SGLD(model.parameters(), lr=LR, num_data=64)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for t in range(5):
+        opt.step(post.closure(x, y))
+        assert opt.stats()["step_size"] == LR * 0.5 ** (t // 2)
+        scheduler.step()
+
+
 # -- checkpoints, guide weights, validation --------------------------------------------------------
 
 
@@ -520,6 +553,7 @@ def test_resuming_from_state_dict_continues_the_chain_exactly(name):
     first = samplers.get(name)(model.parameters(), lr=LR, num_data=64,
                                generator=torch.Generator().manual_seed(21))  # fmt: skip
     first.planned_steps(0, 10, 2)
+    first.bind_schedule(4, 10, 2)  # pSGLD's preconditioner freezes after step 4, mid-run
     post = Posterior(model, num_data=64)
     for t in range(6):
         first.step(post.closure(x[8 * t : 8 * t + 8], y[8 * t : 8 * t + 8]))

@@ -455,6 +455,7 @@ def run_chain(
         spec.sampler, module.parameters(), lr=spec.lr, num_data=spec.num_data,
         temperature=spec.temperature, generator=noise, options=dict(spec.options),
     )  # fmt: skip
+    sampler.bind_schedule(spec.burn_in, spec.draws, spec.thin)
     stream = MinibatchStream(spec.train, spec.batch_size, seeds.data, device, shard=shard)
     one_pass = spec.train.one_pass(spec.batch_size, device)
     begin = getattr(sampler, "begin_chain", None)

@@ -154,7 +154,7 @@ register(
 register(
     "psgld",
     PSGLD,
-    summary="preconditioned SGLD: RMSprop-scaled drift and noise (Gamma correction dropped)",
+    summary="preconditioned SGLD: RMSprop mass estimated in burn-in, then frozen (exact)",
     reference="Li, Chen, Carlson, Carin, AAAI 2016",
 )
 register(

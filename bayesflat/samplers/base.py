@@ -9,7 +9,10 @@ A :class:`Sampler` is a :class:`torch.optim.Optimizer` whose ``step(closure)`` d
 
 Hyperparameters live in the param groups, so ``torch.optim.lr_scheduler`` and per-group
 settings work as with any optimiser. Any hyperparameter may be given as a schedule, a callable
-``step -> value`` evaluated at the start of every step (steps counted from 0).
+``step -> value`` evaluated at the start of every step (steps counted from 0). A hyperparameter
+given as a schedule belongs to it: a ``torch.optim.lr_scheduler`` on a scheduled ``lr``, or a
+value written into the group between steps, is refused with a ``ValueError`` rather than
+silently overridden.
 
 The closure evaluates the minibatch potential ``L_B`` in mean-loss units, calls
 ``backward()`` and returns the detached value. It must *not* zero the gradients: the
@@ -139,6 +142,9 @@ class Dynamics:
 
     def validate(self, group: dict[str, Any]) -> None:
         """Check (and normalise) the hyperparameters this dynamics reads from ``group``."""
+
+    def bind_schedule(self, sampler: Sampler, burn_in: int, draws: int, thin: int) -> None:
+        """Resolve settings of ``sampler``'s groups that default to the run's schedule."""
 
     def stats(self, sampler: Sampler) -> dict[str, float]:
         """Per-step statistics this dynamics adds to ``sample_stats``."""
@@ -278,16 +284,52 @@ class Sampler(torch.optim.Optimizer):
                 "step() needs a closure that evaluates the minibatch potential and calls "
                 "backward(); build one with Posterior.closure(inputs, targets)"
             )
-        for group in self.param_groups:
+        resolved = getattr(self, "_resolved", [])
+        resolved += [None] * (len(self.param_groups) - len(resolved))
+        for index, group in enumerate(self.param_groups):
             if group["schedules"]:
+                self._check_schedules_unopposed(index, group, resolved[index])
                 self._resolve_schedules(group)
                 self._validate_group(group)
+                resolved[index] = {k: group[k] for k in group["schedules"]}
+        self._resolved = resolved
         loss = self.estimator.estimate(self, closure)
         self.dynamics.update(self)
         for group in self.param_groups:
             group["step"] += 1
         self._last_loss = loss
         return loss
+
+    def _check_schedules_unopposed(
+        self, index: int, group: dict[str, Any], last: dict[str, Any] | None
+    ) -> None:
+        """Refuse a hyperparameter that a schedule sets and something else changed.
+
+        The schedule rewrites it at every step, so a ``torch.optim.lr_scheduler`` (which marks
+        the groups it drives with ``initial_lr``) or a hand-set value would be dropped without
+        a word.
+        """
+        fix = (
+            "Give the step size one way: a torch.optim.lr_scheduler on a sampler with a "
+            "numeric lr (e.g. 'sgld' rather than 'csgld', whose cosine cycle is its own lr "
+            "schedule), or lr=<schedule> / the cyclical sampler's cycles, exploration and "
+            "total_steps without a torch scheduler"
+        )
+        if "lr" in group["schedules"] and "initial_lr" in group:
+            raise ValueError(
+                f"a torch.optim.lr_scheduler drives param group {index} of {self.name!r}, whose "
+                f"lr is already set at every step by the schedule "
+                f"{getattr(group['schedules']['lr'], '__name__', 'given')}; the "
+                f"scheduler's values would be overridden silently. {fix}"
+            )
+        for key, value in (last or {}).items():
+            if group[key] != value:
+                raise ValueError(
+                    f"param group {index}'s {key} of {self.name!r} was changed from outside "
+                    f"({value!r} -> {group[key]!r}), but the schedule "
+                    f"{getattr(group['schedules'][key], '__name__', 'given')} sets it at "
+                    f"every step and would override the change silently. {fix}"
+                )
 
     # -- phases -----------------------------------------------------------------------------------
 
@@ -300,11 +342,12 @@ class Sampler(torch.optim.Optimizer):
         return True
 
     def bind_schedule(self, burn_in: int, draws: int, thin: int) -> None:
-        """Resolve settings that default to the run's schedule (none here).
+        """Resolve settings that default to the run's schedule (those of the dynamics here).
 
         The run engine calls it before recording the sampler's settings and before every
         chain, so the trace attributes show the values the chains use.
         """
+        self.dynamics.bind_schedule(self, burn_in, draws, thin)
 
     def planned_steps(self, burn_in: int, draws: int, thin: int) -> int:
         """Steps a chain needs to keep ``draws`` draws: ``burn_in + draws * thin`` by default."""
@@ -374,6 +417,7 @@ class Sampler(torch.optim.Optimizer):
         generator_state = state_dict.pop("generator_state", None)
         schedules = [g["schedules"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        self._resolved = []
         for group, sched in zip(self.param_groups, schedules, strict=True):
             group["schedules"] = sched
         if generator_state is not None and self.generator is not None:

@@ -72,6 +72,10 @@ class Cyclical:
 
     Sample statistics added: ``cycle`` (index of the cycle of the last step, from 0) and
     ``cycle_phase`` (``r_t`` of the last step, ``>= exploration`` for every recorded draw).
+
+    The cycle is the step-size schedule: a ``torch.optim.lr_scheduler`` attached to a cyclical
+    sampler, or an ``lr`` set by hand between steps, is refused at the next step with a
+    ``ValueError`` instead of being overridden.
     """
 
     cycles: int
