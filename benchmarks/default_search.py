@@ -47,7 +47,6 @@ Results go to ``results/default_search.json`` (every row, appended per candidate
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -109,16 +108,15 @@ def make_prior(c: Candidate, model: torch.nn.Module) -> GaussianPrior:
 
 
 @dataclasses.dataclass(frozen=True)
-class InitTargetSpec(ModuleTargetSpec):
-    """A module target whose chains start from a tempered prior draw or an SGD warm start.
+class WarmStartTargetSpec(ModuleTargetSpec):
+    """A module target whose chains start after ``K`` SGD steps (``start = "sgd<K>"``).
 
-    ``start = "prior"``: every parameter ``theta_j ~ N(0, T s_j^2)`` from a generator seeded
-    by the chain's init seed. ``start = "sgd<K>"``: ``K`` steps of SGD (``T = 0``, the prior as
-    weight decay, step ``warm_lr``, batch ``warm_batch``) from the reset weights on
-    ``warm_data``, minibatches drawn by the same generator.
+    SGD (``T = 0``, the prior as weight decay, step ``warm_lr``, batch ``warm_batch``) runs from
+    the reset weights on ``warm_data``, minibatches drawn by a generator seeded by the chain's
+    init seed; the steps are not part of the chain (they are burn-in before the burn-in).
     """
 
-    start: str = "prior"
+    start: str = "sgd500"
     warm_data: Any = None
     warm_lr: float = 0.1
     warm_batch: int = 64
@@ -127,27 +125,17 @@ class InitTargetSpec(ModuleTargetSpec):
         key = (init_seed, str(device))
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
-            cache[key] = self._start(super().build(init_seed, device), init_seed)
-        target = cache[key]
+            cache[key] = self._warm(super().build(init_seed, device), init_seed)
         fresh = super().build(init_seed, device)
-        fresh.model.load_state_dict(target.model.state_dict())
+        fresh.model.load_state_dict(cache[key].model.state_dict())
         return fresh
 
-    def _start(self, target: Posterior, init_seed: int) -> Posterior:
+    def _warm(self, target: Posterior, init_seed: int) -> Posterior:
         g = torch.Generator().manual_seed(10_007 + init_seed)
-        prior = target.prior
-        with torch.no_grad():
-            if self.start == "prior":
-                for name, p in target.model.named_parameters():
-                    std = math.sqrt(max(self.temperature, 1e-12)) * prior.scale_for(name)
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-                return target
-        steps = int(self.start.removeprefix("sgd"))
         x, y = self.warm_data
         opt = torch.optim.SGD(target.model.parameters(), lr=self.warm_lr)
-        n = y.shape[0]
-        for _ in range(steps):
-            idx = torch.randint(n, (self.warm_batch,), generator=g)
+        for _ in range(int(self.start.removeprefix("sgd"))):
+            idx = torch.randint(y.shape[0], (self.warm_batch,), generator=g)
             opt.zero_grad()
             target.closure(x[idx], y[idx])()
             opt.step()
@@ -169,9 +157,9 @@ def load_data() -> dict[str, Any]:
 def _target(c: Candidate, data: dict[str, Any], temperature: float, init: str) -> Any:
     model = models.build_model("mlp", num_classes=10)
     prior = make_prior(c, model)
-    if init == "reset":
+    if init in ("reset", "prior"):
         return model, prior
-    spec = InitTargetSpec(
+    spec = WarmStartTargetSpec(
         model, "categorical", prior, len(data["train"][1]), temperature, "reset",
         start=init, warm_data=data["train"], warm_lr=c.lr, warm_batch=c.batch_size,
     )  # fmt: skip
@@ -198,7 +186,7 @@ def run(
             model, data["train"], sampler=sampler, chains=c.chains, burn_in=c.burn_in,
             draws=c.draws, thin=c.thin, lr=c.lr, temperature=temperature, prior=prior,
             eval_sets=sets, seed=c.seed, progress=False, store_weights=False,
-            batch_size=c.batch_size,
+            batch_size=c.batch_size, init="prior" if init == "prior" else "reset",
         )  # fmt: skip
     return trace, time.process_time() - cpu, time.perf_counter() - wall
 
@@ -241,7 +229,11 @@ def scores(trace: Any, labelled: str, ood: list[str], *, final: bool) -> dict[st
     probs = _probs(trace, labelled)
     labels = _labels(trace, labelled)
     oods = {name: _probs(trace, name) for name in ood}
-    members = [probs[c, -1:] for c in range(probs.shape[0])] if final else [probs.reshape(-1, *probs.shape[2:])]
+    members = (
+        [probs[c, -1:] for c in range(probs.shape[0])]
+        if final
+        else [probs.reshape(-1, *probs.shape[2:])]
+    )
     out: dict[str, list[float]] = {}
     for k, m in enumerate(members):
         p = m.mean(axis=0)
@@ -259,11 +251,16 @@ def evaluate(c: Candidate, data: dict[str, Any], baseline: dict[str, float]) -> 
     """Every number of one candidate on the validation split, and its verdict."""
     sets = data["val"]
     ood = [k for k in sets if k.startswith("oodval_")]
-    trace, cpu, wall = run(c, data, sets)
-    row: dict[str, Any] = {"candidate": dataclasses.asdict(c), "cpu_s": cpu, "wall_s": wall}
+    row: dict[str, Any] = {"candidate": dataclasses.asdict(c)}
+    try:
+        trace, cpu, wall = run(c, data, sets)
+    except bayesflat.SamplingError as err:
+        return {**row, "diverged": str(err), "passes": False}
+    row.update(cpu_s=cpu, wall_s=wall)
     row.update(diagnostics(trace, "val"))
     row["bma"] = scores(trace, "val", ood, final=False)
-    sgd_trace, sgd_cpu, _ = run(c, data, sets, sampler="sgd")
+    # two SGD runs: its score is a mean over runs, not an ensemble
+    sgd_trace, sgd_cpu, _ = run(dataclasses.replace(c, chains=2), data, sets, sampler="sgd")
     row["sgd_same"] = scores(sgd_trace, "val", ood, final=True)
     row["sgd_cpu_s"] = sgd_cpu
     best = {
@@ -298,19 +295,35 @@ def old_default_sgd(data: dict[str, Any], sets: dict[str, Any], labelled: str) -
 def _grid() -> list[Candidate]:
     c = Candidate
     return [
-        # the configuration the former default was closest with, and its initialisation
+        # round 1: the configuration the former default was closest with, its initialisation,
+        # and cold posteriors with the SGD baseline's own weight decay from a tempered prior draw
         c("fsgld-T1-s0.2", "fsgld", scale=0.2, temperature=1.0, lr=0.1),
         c("fsgld-T1-s0.2-prior", "fsgld", scale=0.2, temperature=1.0, lr=0.1, init="prior"),
         c("sgld-T1-s0.2-prior", "sgld", scale=0.2, temperature=1.0, lr=0.1, init="prior"),
-        # cold posteriors with the SGD baseline's own weight decay, from a tempered prior draw
         c("sgld-T0.1-s1-prior", "sgld", scale=1.0, temperature=0.1, lr=0.1, init="prior"),
         c("sgld-T0.03-s1-prior", "sgld", scale=1.0, temperature=0.03, lr=0.1, init="prior"),
         c("fsgld-T0.03-s1-prior", "fsgld", scale=1.0, temperature=0.03, lr=0.1, init="prior"),
-        c("sgld-T0.01-s1-prior", "sgld", scale=1.0, temperature=0.01, lr=0.1, init="prior"),
-        c("sgld-T0.1-s0.5-prior", "sgld", scale=0.5, temperature=0.1, lr=0.1, init="prior"),
-        c("sgld-T1-he2-prior", "sgld", prior="he", scale=2.0, temperature=1.0, lr=0.1,
-          init="prior"),
-        c("sgld-T0.1-s1-sgd500", "sgld", scale=1.0, temperature=0.1, lr=0.1, init="sgd500"),
+        # round 2: relaxation time N s^2 / lr of at most a few hundred steps (larger steps,
+        # smaller or layer-scaled priors), budgets of 6000 steps per chain
+        c("sgld-T1-s0.2-prior-lr0.3", "sgld", scale=0.2, temperature=1.0, lr=0.3,
+          init="prior", draws=200, thin=25),
+        c("sgld-T1-s0.25-prior-lr0.3", "sgld", scale=0.25, temperature=1.0, lr=0.3,
+          init="prior", draws=200, thin=25),
+        c("sgld-T0.3-s0.3-prior-lr0.3", "sgld", scale=0.3, temperature=0.3, lr=0.3,
+          init="prior", draws=200, thin=25),
+        # round 3: colder and wider (the BMA needs both to beat SGD), longer chains
+        c("sgld-T0.1-s0.3-prior-lr0.3", "sgld", scale=0.3, temperature=0.1, lr=0.3,
+          init="prior", draws=300, thin=25),
+        c("sgld-T0.2-s0.35-prior-lr0.3", "sgld", scale=0.35, temperature=0.2, lr=0.3,
+          init="prior", draws=300, thin=25),
+        c("sgld-T0.1-s0.4-prior-lr0.3", "sgld", scale=0.4, temperature=0.1, lr=0.3,
+          init="prior", draws=300, thin=25),
+        c("sgld-T0.2-s0.35-prior-lr0.5", "sgld", scale=0.35, temperature=0.2, lr=0.5,
+          init="prior", draws=300, thin=25),
+        c("fsgld-T0.2-s0.35-prior-lr0.3", "fsgld", scale=0.35, temperature=0.2, lr=0.3,
+          init="prior", draws=300, thin=25),
+        c("sgld-T0.3-s0.3-prior-lr0.3-long", "sgld", scale=0.3, temperature=0.3, lr=0.3,
+          init="prior", draws=400, thin=25),
     ]  # fmt: skip
 
 
@@ -344,6 +357,8 @@ def screen(out: Path, names: list[str] | None, quick: bool) -> None:
 
 
 def _line(row: dict[str, Any]) -> str:
+    if "diverged" in row:
+        return f"{row['candidate']['name']:<26} diverged: {row['diverged']}"
     b, s = row["bma"], row["sgd_best"]
     return (
         f"{row['candidate']['name']:<26} rhat lp {row['rhat_lp']:.3f} nll {row['rhat_nll']:.3f} "
@@ -353,6 +368,53 @@ def _line(row: dict[str, Any]) -> str:
         f"(sgd {s['auroc_oodval_patches']:.3f}/{s['auroc_oodval_noise']:.3f}) "
         f"cpu {row['cpu_s']:.0f}s pass {row['passes']}"
     )
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
+    """The Markdown table of the search: one row per candidate, validation numbers only."""
+    head = (
+        "| candidate | sampler | prior | T | lr | steps/chain (burn-in + draws x thin) | init | "
+        "R-hat lp | R-hat val NLL | R-hat sq. norm | ESS lp | ESS val NLL | "
+        "BMA val acc | BMA val NLL | BMA AUROC patches / noise | SGD same prior NLL | "
+        "CPU s (sampling) | passes |\n|" + "---|" * 18
+    )
+    lines = [head]
+    for r in rows:
+        c = r["candidate"]
+        prior = f"iso s={c['scale']}" if c["prior"] == "iso" else f"he s²={c['scale']}/fan_in"
+        budget = (
+            f"{c['burn_in'] + c['draws'] * c['thin']} ({c['burn_in']} + {c['draws']} x {c['thin']})"
+        )
+        cells = [c["name"], c["sampler"], prior, c["temperature"], c["lr"], budget, c["init"]]
+        lead = "| " + " | ".join(str(v) for v in cells) + " | "
+        if "diverged" in r:
+            lines.append(lead + "diverged |" + " |" * 10 + " no |")
+            continue
+        b = r["bma"]
+        failed = [k for k, ok in r["checks"].items() if not ok]
+        lines.append(
+            lead
+            + " | ".join([
+                _f(r["rhat_lp"]), _f(r["rhat_nll"]), _f(r["rhat_sqnorm"]),
+                f"{r['ess_lp']:.0f}", f"{r['ess_nll']:.0f}", _f(b["acc"]), _f(b["nll"]),
+                f"{_f(b['auroc_oodval_patches'])} / {_f(b['auroc_oodval_noise'])}",
+                _f(r["sgd_same"]["nll"]), f"{r['cpu_s']:.0f}",
+                "yes" if r["passes"] else "no: " + ", ".join(failed),
+            ])
+            + " |"
+        )  # fmt: skip
+    lines.append("")
+    lines.append(
+        f"SGD at the former defaults (s = 1, lr = 0.1, 3000 steps), final iterate per chain, "
+        f"mean of 4 chains, validation: acc {_f(baseline['acc'])}, NLL {_f(baseline['nll'])}, "
+        f"AUROC patches {_f(baseline['auroc_oodval_patches'])}, "
+        f"noise {_f(baseline['auroc_oodval_noise'])}."
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:

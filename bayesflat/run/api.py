@@ -387,7 +387,7 @@ def make_spec(
     for name, minimum in (("chains", 1), ("burn_in", 0), ("draws", 1), ("thin", 1),
                           ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0)):  # fmt: skip
         check_int(locals()[name], name, minimum)
-    check_choice(init, "init", ("reset", "model"))
+    check_choice(init, "init", ("reset", "model", "prior"))
     if not (callable(lr) or math.isfinite(check_positive(lr, "lr"))):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     temperature = validate_temperature(temperature)
