@@ -61,27 +61,39 @@ def _default_output(sampler: str, seed: int) -> Path:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``bayesflat run`` (the defaults are the embedded digits run)."""
-    p.add_argument("--sampler", default="fsgld", help="registry name (see `bayesflat samplers`)")
-    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="reference network")
-    p.add_argument("--chains", type=int, default=4, help="independent chains")
-    p.add_argument("--draws", type=int, default=100, help="draws kept per chain")
-    p.add_argument("--burn-in", type=int, default=1000, help="steps discarded per chain")
-    p.add_argument("--thin", type=int, default=20, help="steps between kept draws")
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size |B|")
-    p.add_argument("--seed", type=int, default=0, help="root seed of every chain")
-    p.add_argument("--lr", type=float, default=0.1, help="step size, mean-loss units")
+    """Arguments of ``bayesflat run``; defaults from :data:`bayesflat.defaults.DEFAULTS`."""
+    from bayesflat.defaults import DEFAULTS as D
+
+    p.add_argument("--sampler", default=D.sampler, help="registry name (see `bayesflat samplers`)")
+    p.add_argument("--model", default=D.model, choices=("mlp", "cnn"), help="reference network")
+    p.add_argument("--chains", type=int, default=D.chains, help="independent chains")
+    p.add_argument("--draws", type=int, default=D.draws, help="draws kept per chain")
+    p.add_argument("--burn-in", type=int, default=D.burn_in, help="steps discarded per chain")
+    p.add_argument("--thin", type=int, default=D.thin, help="steps between kept draws")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="minibatch size |B|")
+    p.add_argument("--seed", type=int, default=D.seed, help="root seed of every chain")
+    p.add_argument("--lr", type=float, default=D.lr, help="step size, mean-loss units")
     p.add_argument(
-        "--temperature", type=float, default=None, help="T (default 1; 0 for optimisers)"
-    )
-    p.add_argument("--prior-scale", type=float, default=1.0, help="Gaussian prior std")
+        "--temperature", type=float, default=D.temperature,
+        help=f"T (default {D.temperature if D.temperature is not None else 1}; "
+        "0 for optimisers)",
+    )  # fmt: skip
+    p.add_argument("--prior-scale", type=float, default=D.prior_scale, help="Gaussian prior std")
     p.add_argument("--sigma", type=float, default=None, help="fSGLD perturbation scale")
     p.add_argument("--eta", type=float, default=None, help="fSGLD coupling exponent in (0, 1)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="further sampler option, repeatable (e.g. --option num_perturbations=2)",
     )  # fmt: skip
-    p.add_argument("--val-size", type=float, default=0.1, help="validation fraction of train")
+    p.add_argument(
+        "--val-size", type=float, default=D.val_size, help="validation fraction of train"
+    )
+    p.add_argument(
+        "--configurational-temperature", action=argparse.BooleanOptionalAction,
+        default=D.configurational_temperature,
+        help="record theta . grad L of the full-data potential at every kept draw "
+        "(one training-set gradient per draw)",
+    )  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="output folder (default: named)")
     p.add_argument(
         "--resume", type=Path, default=None, metavar="DIR",
@@ -157,6 +169,7 @@ def _report_options(args: argparse.Namespace) -> dict[str, Any]:
 _RECIPE_KEYS = (
     "sampler", "model", "chains", "draws", "burn_in", "thin", "batch_size", "seed", "lr",
     "temperature", "prior_scale", "sigma", "eta", "option", "val_size", "threads",
+    "configurational_temperature",
 )  # fmt: skip
 """The arguments of ``bayesflat run`` that determine its draws (stored for ``--resume``)."""
 
@@ -181,6 +194,15 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
     for name, x in bdata.ood_sets(digits).items():
         eval_sets[f"ood_{name}"] = x
     model = models.build_model(settings["model"], num_classes=digits.num_classes)
+    train = (digits.x_train, digits.y_train)
+    stats_fns = {}
+    # runs recorded before this setting existed did not record it
+    if settings.get("configurational_temperature", False):
+        from bayesflat.diagnostics import diagnostic_stats
+
+        stats_fns = diagnostic_stats(
+            ["configurational_temperature"], data=train, prior=settings["prior_scale"]
+        )
     kwargs = {
         "sampler": settings["sampler"],
         "chains": settings["chains"],
@@ -193,9 +215,10 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
         "temperature": settings["temperature"],
         "prior": settings["prior_scale"],
         "store_logits": True,
+        "stats_fns": stats_fns,
         **options,
     }
-    return model, (digits.x_train, digits.y_train), eval_sets, kwargs
+    return model, train, eval_sets, kwargs
 
 
 def _check_threads(threads: int) -> None:
@@ -207,9 +230,12 @@ def _check_threads(threads: int) -> None:
 
 
 def rebuild_run(recipe: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
-    """What :func:`bayesflat.resume` needs to continue a run of ``bayesflat run``."""
-    model, train, eval_sets, _ = _run_inputs(recipe["args"])
-    return model, train, eval_sets, {}
+    """What :func:`bayesflat.resume` needs to continue a run of ``bayesflat run``.
+
+    The settings returned hold only ``stats_fns``, which are rebuilt, not stored.
+    """
+    model, train, eval_sets, kwargs = _run_inputs(recipe["args"])
+    return model, train, eval_sets, {"stats_fns": kwargs["stats_fns"]}
 
 
 def _explicit(argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str, Any]:

@@ -419,11 +419,19 @@ def diagnostic_stats(
         chosen, _as_pair(data), budget, resolved.likelihood, resolved.prior, int(seed)
     )
 
-    def make(variable: str) -> Callable[[nn.Module, Any], float]:
-        def fn(model: nn.Module, sampler: Any) -> float:
-            return state.value(variable, model, sampler)
+    return {variable: _DrawVariable(state, variable) for variable in recorded_names(chosen)}
 
-        fn.__name__ = f"diagnostic_{variable}"
-        return fn
 
-    return {variable: make(variable) for variable in recorded_names(chosen)}
+class _DrawVariable:
+    """``fn(model, sampler)`` giving one variable of a draw's shared diagnostics.
+
+    A class rather than a closure so that runs in several processes can send it there.
+    """
+
+    def __init__(self, state: _DrawDiagnostics, variable: str) -> None:
+        self.state = state
+        self.variable = variable
+        self.__name__ = f"diagnostic_{variable}"
+
+    def __call__(self, model: nn.Module, sampler: Any) -> float:
+        return self.state.value(self.variable, model, sampler)

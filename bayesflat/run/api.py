@@ -19,6 +19,7 @@ from torch import nn
 from bayesflat import _io
 from bayesflat import samplers as _samplers
 from bayesflat._checks import check_choice, check_int, check_positive, validate_temperature
+from bayesflat.defaults import DEFAULTS
 from bayesflat.run import distributed as _distributed
 from bayesflat.run.chain import preflight
 from bayesflat.run.checkpoint import ChainState
@@ -75,21 +76,21 @@ def sample(
     model: nn.Module | Any,
     train_data: object,
     *,
-    sampler: str = "fsgld",
-    chains: int = 4,
-    burn_in: int = 1000,
-    draws: int = 100,
-    thin: int = 10,
-    batch_size: int = 64,
+    sampler: str = DEFAULTS.sampler,
+    chains: int = DEFAULTS.chains,
+    burn_in: int = DEFAULTS.burn_in,
+    draws: int = DEFAULTS.draws,
+    thin: int = DEFAULTS.thin,
+    batch_size: int = DEFAULTS.batch_size,
     eval_sets: Mapping[str, object] | None = None,
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
     progress: bool = True,
-    lr: float = 1e-3,
-    temperature: float | None = None,
+    lr: float = DEFAULTS.lr,
+    temperature: float | None = DEFAULTS.temperature,
     num_data: int | None = None,
     likelihood: str | Likelihood = "categorical",
-    prior: Prior | float | None = 1.0,
-    init: str = "reset",
+    prior: Prior | float | None = DEFAULTS.prior_scale,
+    init: str = DEFAULTS.init,
     store_weights: bool | list[str] = True,
     store_logits: bool = False,
     loo_points: int | None = None,
@@ -386,6 +387,7 @@ def _resume_locked(
         raise ValueError(f"{folder.run_json} is not a bayesflat run description")
     if model is None:
         model, train_data, eval_sets, stored_settings = _from_recipe(meta, folder)
+        stats_fns = stored_settings.pop("stats_fns", stats_fns)
         settings = {**stored_settings, **settings}
     elif train_data is None:
         raise ValueError("resume needs train_data together with model (as given to sample)")
@@ -430,20 +432,20 @@ def make_spec(
     model: Any,
     train_data: object,
     *,
-    sampler: str = "fsgld",
-    chains: int = 4,
-    burn_in: int = 1000,
-    draws: int = 100,
-    thin: int = 10,
-    batch_size: int = 64,
+    sampler: str = DEFAULTS.sampler,
+    chains: int = DEFAULTS.chains,
+    burn_in: int = DEFAULTS.burn_in,
+    draws: int = DEFAULTS.draws,
+    thin: int = DEFAULTS.thin,
+    batch_size: int = DEFAULTS.batch_size,
     eval_sets: Mapping[str, object] | None = None,
-    seed: int = 0,
-    lr: float = 1e-3,
-    temperature: float | None = None,
+    seed: int = DEFAULTS.seed,
+    lr: float = DEFAULTS.lr,
+    temperature: float | None = DEFAULTS.temperature,
     num_data: int | None = None,
     likelihood: str | Likelihood = "categorical",
-    prior: Prior | float | None = 1.0,
-    init: str = "reset",
+    prior: Prior | float | None = DEFAULTS.prior_scale,
+    init: str = DEFAULTS.init,
     store_weights: bool | list[str] = True,
     store_logits: bool = False,
     loo_points: int | None = None,
@@ -469,7 +471,7 @@ def make_spec(
             f"burn_in + draws * thin = {steps:,} steps per chain exceeds {MAX_STEPS:,} (days of "
             "sampling even at 1 ms a step); lower burn_in, draws or thin"
         )
-    check_choice(init, "init", ("reset", "model"))
+    check_choice(init, "init", ("reset", "model", "prior"))
     if not (callable(lr) or math.isfinite(check_positive(lr, "lr"))):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     temperature = validate_temperature(temperature)

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from bayesflat import samplers as _samplers
 from bayesflat._checks import check_bool, check_choice, check_int
 from bayesflat.run.stream import TrainData, as_tensor, fingerprint
-from bayesflat.target.torch import Likelihood, Posterior, Prior
+from bayesflat.target.torch import GaussianPrior, Likelihood, Posterior, Prior
 
 __all__ = [
     "ChainContext",
@@ -82,6 +82,35 @@ class ChainContext:
     thin: int
 
 
+@torch.no_grad()
+def prior_draw_(target: Posterior, generator: torch.Generator) -> None:
+    """Set every trainable parameter to a draw of the tempered Gaussian prior, in place.
+
+    ``theta_j ~ N(0, T s_j^2)``, with ``s_j`` the prior scale of the parameter
+    (``GaussianPrior.scale_for``) and ``T`` the target's temperature: the stationary law of
+    every coordinate the data leave to the prior, which a chain started elsewhere reaches
+    only after a few relaxation times ``N s_j^2 / lr`` steps (mean-loss units). At ``T = 0``
+    (an optimiser) that law is a point mass at zero, from which a network cannot break its
+    symmetries, so the weights are left as they are (PyTorch's initialisation).
+
+    Raises
+    ------
+    ValueError
+        If the prior is not a :class:`~bayesflat.target.torch.GaussianPrior`.
+    """
+    if not isinstance(target.prior, GaussianPrior):
+        raise ValueError(
+            f"init='prior' draws the first weights from a Gaussian prior, but the prior is "
+            f"{type(target.prior).__name__}; pass init='reset' (or a Gaussian prior)"
+        )
+    if target.temperature == 0:
+        return
+    root_t = math.sqrt(target.temperature)
+    for name, p in target.named_parameters().items():
+        draw = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        p.copy_(draw * (root_t * target.prior.scale_for(name)))
+
+
 @dataclass(frozen=True)
 class ModuleTargetSpec:
     """Recipe for the target of a torch module with a likelihood and a prior.
@@ -96,10 +125,11 @@ class ModuleTargetSpec:
         ``N``.
     temperature : float
         ``T``.
-    init : {"reset", "model"}
+    init : {"reset", "model", "prior"}
         ``"reset"``: every chain re-initialises its copy (``reset_parameters`` of every
         submodule under the chain's init seed); ``"model"``: every chain starts from the
-        template's weights.
+        template's weights; ``"prior"``: every chain starts from a draw of the tempered
+        prior, ``theta_j ~ N(0, T s_j^2)`` (:func:`prior_draw_`).
     """
 
     model: nn.Module
@@ -113,20 +143,24 @@ class ModuleTargetSpec:
     def build(self, init_seed: int, device: torch.device) -> Posterior:
         """A fresh :class:`Posterior` on ``device`` for a chain with ``init_seed``."""
         model = copy.deepcopy(self.model).to("cpu")
-        if self.init == "reset":
+        if self.init in ("reset", "prior"):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(init_seed)
                 for module in model.modules():
                     reset = getattr(module, "reset_parameters", None)
                     if callable(reset):
                         reset()
-        return Posterior(
-            model.to(device),
+        target = Posterior(
+            model,
             num_data=self.num_data,
             temperature=self.temperature,
             likelihood=self.likelihood,
             prior=self.prior,
         )
+        if self.init == "prior":
+            prior_draw_(target, torch.Generator().manual_seed(init_seed))
+        target.model.to(device)
+        return target
 
     def config(self) -> dict[str, Any]:
         """Model class, ``init`` and the target's settings."""
@@ -142,7 +176,7 @@ class ModuleTargetSpec:
         state = self.model.state_dict()
         layout = repr([(k, tuple(v.shape), str(v.dtype)) for k, v in state.items()])
         digest = hashlib.sha256(layout.encode()).hexdigest()[:16]
-        weights = fingerprint(*state.values()) if self.init == "model" else "reset"
+        weights = fingerprint(*state.values()) if self.init == "model" else self.init
         return f"{type(self.model).__qualname__}:{digest}:{weights}"
 
 

@@ -1,0 +1,96 @@
+"""The defaults of a run, shared by :func:`bayesflat.sample` and ``bayesflat run``.
+
+Both read :data:`DEFAULTS`, so a run started from Python with no settings and a run of the
+command line with no options sample the same posterior with the same sampler and budget.
+The values were chosen on the validation split of the embedded digits (the reference MLP)
+by ``benchmarks/default_search.py``; ``benchmarks/results/default_search.md`` has the
+search, the criteria and the measured numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["DEFAULTS", "SAMPLE_ARGUMENTS", "RunDefaults", "sample_defaults"]
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """Settings of a run that is given none.
+
+    Attributes
+    ----------
+    sampler : str
+        Registry name of the sampler.
+    chains : int
+        Independent chains (R-hat needs at least 4).
+    burn_in : int
+        Steps discarded at the start of every chain.
+    draws : int
+        Draws kept per chain.
+    thin : int
+        Steps between kept draws.
+    batch_size : int
+        Minibatch size ``|B|``.
+    seed : int
+        Root seed.
+    lr : float
+        Step size in mean-loss units (DESIGN.md, section 1): the update moves ``theta`` by
+        ``-lr * grad L_B`` plus noise of variance ``2 lr T / N``.
+    temperature : float or None
+        ``T``; ``None`` is 1 for samplers and 0 for optimisers.
+    prior_scale : float
+        Standard deviation ``s`` of the isotropic Gaussian prior ``N(0, s^2 I)`` (weight units;
+        weight decay ``1 / (N s^2)`` in mean-loss units).
+    init : str
+        How every chain starts (see :func:`bayesflat.sample`).
+    model : str
+        Reference network of ``bayesflat run`` (:func:`bayesflat.models.build_model`).
+    val_size : float
+        Fraction of the digits training split held out for validation by ``bayesflat run``.
+    configurational_temperature : bool
+        Whether ``bayesflat run`` records ``theta . grad L`` of the full-data potential at
+        every kept draw (``sample_stats.theta_dot_grad``; one gradient over the training set
+        per draw), from which ``T_conf = N <theta . grad L> / d`` is estimated.
+    """
+
+    sampler: str = "fsgld"
+    chains: int = 4
+    burn_in: int = 1000
+    draws: int = 100
+    thin: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    lr: float = 0.1
+    temperature: float | None = None
+    prior_scale: float = 1.0
+    init: str = "reset"
+    model: str = "mlp"
+    val_size: float = 0.1
+    configurational_temperature: bool = True
+
+
+DEFAULTS = RunDefaults()
+"""The defaults of :func:`bayesflat.sample` and ``bayesflat run``."""
+
+SAMPLE_ARGUMENTS: dict[str, str] = {
+    "sampler": "sampler",
+    "chains": "chains",
+    "burn_in": "burn_in",
+    "draws": "draws",
+    "thin": "thin",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "lr": "lr",
+    "temperature": "temperature",
+    "prior_scale": "prior",
+    "init": "init",
+}
+"""Field of :class:`RunDefaults` -> keyword of :func:`bayesflat.sample` it is the default of."""
+
+
+def sample_defaults(defaults: RunDefaults = DEFAULTS) -> dict[str, Any]:
+    """The keywords of :func:`bayesflat.sample` that ``defaults`` sets, by keyword name."""
+    values = asdict(defaults)
+    return {keyword: values[field] for field, keyword in SAMPLE_ARGUMENTS.items()}
