@@ -9,7 +9,9 @@ A *step* is zero grad + forward + backward + update on one fixed minibatch:
 - every method of the registry :mod:`bayesflat.samplers` (built as the driver builds it:
   ``get(name)(params, lr=LR, num_data=N, temperature=T, generator=...)`` with ``T = 1`` for
   samplers and ``T = 0`` for optimisers, then its ``begin_chain`` hook and ``planned_steps``):
-  ``opt.step(posterior.closure(x, y))``.
+  ``opt.step(posterior.closure(x, y, value=False))``, the closure the run engine builds for
+  the steps whose potential it does not read (the NLL is returned; the prior's value is not
+  computed, its gradient is).
 
 All methods share one model, one batch and one :class:`~bayesflat.target.torch.Posterior`
 (Gaussian prior of scale 1), run in one process on one thread, and are interleaved: every
@@ -316,7 +318,7 @@ def build_methods(
         clock, passes = [0.0], [0]
 
         def step() -> None:
-            closure = posterior.closure(x, y)
+            closure = posterior.closure(x, y, value=False)
 
             def timed() -> Tensor:
                 start = time.thread_time()

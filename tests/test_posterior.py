@@ -139,3 +139,35 @@ def test_zero_temperature_sgld_is_sgd_with_weight_decay_one_over_n_s2():
         sgd.step()
         for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+def test_closure_without_value_returns_the_likelihood_part_and_the_same_gradient():
+    model = _linear()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    post = Posterior(model, num_data=40, prior=GaussianPrior(1.0, scales={"bias": 0.5}))
+    full = post.closure(x, y)()
+    with_value = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    nll = post.closure(x, y, value=False)()
+    assert torch.equal(nll, nn.functional.cross_entropy(model(x), y).detach())
+    assert not torch.equal(nll, full)  # the prior term is left out of the value
+    for g, p in zip(with_value, model.parameters(), strict=True):
+        assert torch.equal(g, p.grad)
+
+
+def test_closure_notices_a_frozen_or_replaced_parameter():
+    """The parameter mapping kept between closures is rebuilt when a parameter stops
+    requiring gradients or is replaced."""
+    model = _linear()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    post = Posterior(model, num_data=40, prior=1.0)
+    post.closure(x, y)()
+    model.bias.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    post.closure(x, y)()
+    assert model.bias.grad is None and model.weight.grad is not None
+    model.bias = nn.Parameter(torch.full_like(model.bias, 3.0))
+    model.weight.grad = None
+    expected = post.potential(x, y).detach()
+    assert torch.equal(post.closure(x, y)(), expected)
+    assert model.bias.grad is not None

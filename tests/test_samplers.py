@@ -234,11 +234,89 @@ def test_rademacher_perturbation_is_plus_or_minus_sigma():
 
     replay = copy_generator(sampler.generator)
     sampler.step(closure)
-    signs = torch.empty(4000).bernoulli_(0.5, generator=replay) * 2.0 - 1.0
+    # One integer draw: 64 words of 63 random bits (bit i of word j is sign 63 j + i).
+    words = torch.empty(64, dtype=torch.int64).random_(generator=replay)
+    bits = torch.stack([(words >> i) & 1 for i in range(63)], dim=1).reshape(-1)[:4000]
+    signs = bits.float() * 2.0 - 1.0
     assert torch.equal(seen[0], sigma * signs)
     assert set(seen[0].unique().tolist()) == {-sigma, sigma}
     # P(+1) = 1/2: the count of +sigma is within 4 binomial SE of 2000
     assert abs(int((seen[0] > 0).sum()) - 2000) < 4 * math.sqrt(4000 * 0.25)
+
+
+def test_rademacher_signs_are_fair_in_every_bit_position():
+    """Each of the 63 bits a word gives is a fair coin: per position, the count of +1 over
+    4000 words is within 4 binomial standard errors of 2000 (63 positions, so the chance that
+    any fails by luck is below 63 * 6.3e-5 = 0.4%)."""
+    flat = torch.empty(63 * 4000)
+    samplers.base.fill_rademacher_(flat, torch.Generator().manual_seed(11))
+    assert set(flat.unique().tolist()) == {-1.0, 1.0}
+    plus = (flat.view(4000, 63) > 0).sum(dim=0)
+    assert int((plus - 2000).abs().max()) < 4 * math.sqrt(4000 * 0.25)
+    # neighbouring signs are uncorrelated: the mean product is within 4 SE (1/sqrt(n)) of 0
+    products = flat[:-1] * flat[1:]
+    assert abs(float(products.mean())) < 4 / math.sqrt(products.numel())
+
+
+def test_step_calls_the_step_hooks_users_register():
+    """Global and per-optimiser pre/post hooks run once per step, in torch's order, with the
+    optimiser and the step's arguments, also for a subclass whose step calls super().step."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    x, y = dataset()
+    calls: list[tuple[str, object, int]] = []
+
+    def hook(tag: str):
+        return lambda opt, args, kwargs: calls.append((tag, opt, len(args) + len(kwargs)))
+
+    for name in ("sgld", "fsgld", "swa"):
+        model = mlp()
+        opt = samplers.get(name)(
+            list(model.parameters()), lr=0.01, num_data=NUM_DATA,
+            temperature=1.0 if samplers.entry(name).is_sampler else 0.0,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        handles = [
+            register_optimizer_step_pre_hook(hook("global pre")),
+            opt.register_step_pre_hook(hook("pre")),
+            opt.register_step_post_hook(hook("post")),
+            register_optimizer_step_post_hook(hook("global post")),
+        ]
+        calls.clear()
+        try:
+            for step in range(2):
+                opt.step(posterior(model).closure(*batches(step, x, y)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        order = ["global pre", "pre", "post", "global post"]
+        assert [tag for tag, _, _ in calls] == order * 2, name
+        assert all(o is opt and n == 1 for _, o, n in calls), name
+        opt.step(posterior(model).closure(*batches(2, x, y)))
+        assert len(calls) == 8, f"{name}: a removed hook still ran"
+
+
+def test_step_pre_hook_may_replace_the_closure():
+    """A pre-hook returning ``(args, kwargs)`` changes what step receives, as in torch."""
+    x, y = dataset()
+    model = mlp()
+    opt = SGLD(model.parameters(), lr=0.01, num_data=NUM_DATA, temperature=0.0)
+    post = posterior(model)
+    evaluated: list[str] = []
+
+    def replacement() -> Tensor:
+        evaluated.append("replacement")
+        return post.closure(*batches(0, x, y))()
+
+    handle = opt.register_step_pre_hook(lambda o, args, kwargs: ((replacement,), {}))
+    try:
+        opt.step(post.closure(*batches(1, x, y)))
+    finally:
+        handle.remove()
+    assert evaluated == ["replacement"]
 
 
 # -- which parameters are perturbed ---------------------------------------------------------------

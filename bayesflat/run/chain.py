@@ -544,7 +544,13 @@ def _loop(
                     chain=chain,
                     step=step,
                 )
-            closure = target.closure(*next(stream))
+            # The potential's value (the prior's norms included) is computed only where it is
+            # read: at kept draws and progress reports; other steps return the likelihood part,
+            # enough to stop on a non-finite step.
+            read = (step + 1) % report_every == 0 or (
+                step + 1 > spec.burn_in and (collected + 1) % spec.thin == 0
+            )
+            closure = target.closure(*next(stream), value=read)
             if wrap_closure is not None:
                 closure = wrap_closure(closure, params)
             loss = float(sampler.step(closure))
@@ -555,7 +561,8 @@ def _loop(
                     chain=chain,
                     step=step - 1,
                 )
-            running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
+            if read:
+                running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
             if step > spec.burn_in and sampler.collecting():
                 collected += 1
                 if collected % spec.thin == 0:

@@ -89,10 +89,19 @@ class CoupledPerturbation(PerturbedGradient):
             group["sigma"] = check_positive(group["sigma"], "sigma", allow_zero=True)
 
     def resolve_sigma(self, group: dict[str, Any]) -> float:
-        """``group["sigma"]`` if set, else ``(T / N)^((1 + eta) / 4)`` of the group."""
-        if group["sigma"] is not None:
-            return float(group["sigma"])
-        return coupled_sigma(group["temperature"], group["num_data"], group["eta"])
+        """``group["sigma"]`` if set, else ``(T / N)^((1 + eta) / 4)`` of the group.
+
+        The group's values were checked when they were set (at construction, and whenever a
+        schedule is resolved), so the coupling is evaluated here without validating again:
+        this runs every step.
+        """
+        sigma = group["sigma"]
+        if sigma is not None:
+            return float(sigma)
+        temperature = group["temperature"]
+        if temperature == 0:
+            return 0.0
+        return (temperature / group["num_data"]) ** ((1.0 + group["eta"]) / 4.0)
 
 
 class FSGLD(Sampler):

@@ -35,18 +35,24 @@ class LangevinDynamics(Dynamics):
     name = "langevin"
 
     def update(self, sampler: Sampler) -> None:
-        hot = any(g["temperature"] > 0 for g in sampler.param_groups)
-        noise = sampler.buffer("noise") if hot else None
-        if noise is not None:
-            noise.normal_(sampler.generator)
-        for group in sampler.param_groups:
+        groups = sampler.param_groups
+        noise = None
+        for group in groups:
+            if group["temperature"] > 0:
+                noise = sampler.buffer("noise")
+                noise.normal_(sampler.generator)
+                break
+        for group in groups:
             params, grads = sampler.grads_of(group)
             if not params:
                 continue
-            torch._foreach_add_(params, grads, alpha=-group["lr"])
-            if group["temperature"] > 0 and noise is not None:
-                scale = langevin_noise_scale(group["lr"], group["temperature"], group["num_data"])
-                torch._foreach_add_(params, noise.of(params), alpha=scale)
+            lr = group["lr"]
+            torch._foreach_add_(params, grads, alpha=-lr)
+            temperature = group["temperature"]
+            if temperature > 0 and noise is not None:
+                views = noise.of_group(group) if params is group["params"] else noise.of(params)
+                scale = math.sqrt(2.0 * lr * temperature / group["num_data"])
+                torch._foreach_add_(params, views, alpha=scale)
 
 
 class SGLD(Sampler):

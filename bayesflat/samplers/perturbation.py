@@ -193,17 +193,24 @@ class PerturbedGradient(GradientEstimator):
         sampler.zero_grad(set_to_none=True)
         active = []
         for group in sampler.param_groups:
-            sigma = self.resolve_sigma(group) if group["perturb"] else 0.0
-            if sigma > 0 and group["params"]:
-                active.append((list(group["params"]), sigma))
+            if group["perturb"] and group["params"]:
+                sigma = self.resolve_sigma(group)
+                if sigma > 0:
+                    active.append((group, sigma))
         self._sigma = active[0][1] if active else 0.0
         if not active:
             with torch.enable_grad():
                 return closure()
 
-        params = [p for plist, _ in active for p in plist]
-        backup = sampler.buffer("backup").of(params)
         noise = sampler.buffer("noise")
+        backup_buf = sampler.buffer("backup")
+        if len(active) == 1:
+            params = active[0][0]["params"]
+            backup = backup_buf.of_group(active[0][0])
+        else:
+            params = [p for group, _ in active for p in group["params"]]
+            backup = backup_buf.of(params)
+        moves = [(group["params"], noise.of_group(group), sigma) for group, sigma in active]
         scales = self._filter_scales(sampler, params) if self.filter_normalised else None
         signs = (1.0, -1.0) if self.antithetic else (1.0,)
         num_evals = self.num_perturbations * len(signs)
@@ -226,8 +233,8 @@ class PerturbedGradient(GradientEstimator):
             for sign in signs:
                 if losses:
                     torch._foreach_copy_(params, backup)
-                for plist, sigma in active:
-                    torch._foreach_add_(plist, noise.of(plist), alpha=sign * sigma)
+                for plist, eps, sigma in moves:
+                    torch._foreach_add_(plist, eps, alpha=sign * sigma)
                 with torch.enable_grad():
                     losses.append(closure())
         torch._foreach_copy_(params, backup)

@@ -46,10 +46,13 @@ class Target(Protocol):
     temperature: float
     categorical: bool
 
-    def closure(self, inputs: Any, targets: Any) -> Callable[[], Tensor]:
+    def closure(self, inputs: Any, targets: Any, *, value: bool = True) -> Callable[[], Tensor]:
         """Closure for ``sampler.step``: evaluates ``L_B``, back-propagates it, returns it.
 
-        It accumulates into ``.grad`` and never zeroes gradients (the sampler does).
+        It accumulates into ``.grad`` and never zeroes gradients (the sampler does). With
+        ``value=False`` the run engine does not read the returned value except to check that
+        it is finite, so a target may return a cheaper finite-iff-``L_B``-is quantity (the
+        likelihood part) and skip terms that only enter the value.
         """
         ...
 
