@@ -270,9 +270,10 @@ def _replace(data, group, name, value):
     ("change", "error", "message"),
     [
         (
-            lambda d: _replace(d, "predictions", "test", np.ones((4, 50, 30))),
+            lambda d: _replace(d, "predictions", "test", np.ones((4, 50, 30, 2, 2))),
             ValueError,
-            r"predictions\['test'\] has shape \(4, 50, 30\); expected \(chain, draw, n, n_class\)",
+            r"predictions\['test'\] has shape \(4, 50, 30, 2, 2\); expected "
+            r"\(chain, draw, n, n_class\) or \(chain, draw, n\)",
         ),
         (
             lambda d: _replace(d, "log_likelihood", "test", np.ones((4, 50, 30, 2))),

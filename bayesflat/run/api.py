@@ -482,7 +482,7 @@ def make_spec(
             "stats_fns must be a mapping from names to callables fn(model, sampler), "
             f"got {type(stats_fns).__name__}"
         )
-    target = _target_spec(model, likelihood, prior, n_data, temperature, init)
+    target = _target_spec(model, likelihood, prior, n_data, temperature, init, train)
     sets = parse_eval_sets(eval_sets, store_logits=store_logits)
     if any(s.name == "train" for s in sets):
         raise ValueError(
@@ -490,7 +490,14 @@ def make_spec(
             "rename it (e.g. 'train_eval')"
         )
     if sets and not getattr(target, "categorical", True):
-        raise ValueError("eval_sets need a categorical likelihood (class probabilities)")
+        if getattr(target, "kind", "module") != "pyro":
+            raise ValueError("eval_sets need a categorical likelihood (class probabilities)")
+        labelled = [s.name for s in sets if s.labels is not None]
+        if labelled:
+            raise ValueError(
+                f"eval_sets {labelled} have labels, but the Pyro model's observed site is not "
+                "categorical: its predictions are draws of that site; pass inputs only"
+            )
     if device is None:
         device = _model_device(model)
     spec = RunSpec(
@@ -507,7 +514,13 @@ def make_spec(
 
 
 def _target_spec(
-    model: Any, likelihood: Any, prior: Any, num_data: int, temperature: float, init: str
+    model: Any,
+    likelihood: Any,
+    prior: Any,
+    num_data: int,
+    temperature: float,
+    init: str,
+    train: TrainData,
 ) -> Any:
     if isinstance(model, nn.Module) and not _is_pyro(model):
         spec = ModuleTargetSpec(model, likelihood, prior, num_data, temperature, init)
@@ -516,8 +529,14 @@ def _target_spec(
     if hasattr(model, "build") and hasattr(model, "config"):
         return model
     if _is_pyro(model) or callable(model):
+        if init != "reset":
+            raise ValueError(
+                f"init={init!r} is for torch modules; a Pyro model's chains start from draws "
+                "of its prior (PyroTargetSpec(init='uniform') starts them as Pyro's NUTS does)"
+            )
         pyro = importlib.import_module("bayesflat.target.pyro")
-        return pyro.PyroTargetSpec(model, num_data=num_data, temperature=temperature)
+        example = train.take(range(min(2, train.num_examples)))
+        return pyro.PyroTargetSpec(model, example, num_data=num_data, temperature=temperature)
     raise TypeError(
         f"model must be a torch.nn.Module, a Pyro model or a target spec, got "
         f"{type(model).__name__}"
@@ -616,7 +635,8 @@ def _static(spec: RunSpec) -> Static:
     target = spec.target.build(chain_seeds(spec.seed, 0).init, torch.device("cpu"))
     if target.categorical:
         idx = spec.loo_indices()
-        observed["train"] = spec.train.take(idx)[1]
+        # Integer-valued float labels (a Bernoulli likelihood observes floats) stored as ints.
+        observed["train"] = torch.as_tensor(spec.train.take(idx)[1]).long()
         if len(idx) < spec.train.num_examples:
             constant["train_index"] = idx
     coords = {}

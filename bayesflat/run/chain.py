@@ -182,10 +182,15 @@ class _Recorder:
                 out["heldout_log_likelihood"][s.name] = ll.double().cpu().numpy()
         if self.loo_x is not None:
             lls = []
+            # Targets whose predictions are draws (Pyro) score examples from their inputs.
+            scored = getattr(target, "log_likelihood", None) if not target.categorical else None
             for start in range(0, len(self.loo_y), spec.eval_batch_size):
                 xb = self.loo_x[start : start + spec.eval_batch_size]
                 yb = self.loo_y[start : start + spec.eval_batch_size]
-                lls.append(target.pointwise_log_likelihood(target.predict(xb), yb))
+                if scored is not None:
+                    lls.append(scored(xb, yb))
+                else:
+                    lls.append(target.pointwise_log_likelihood(target.predict(xb), yb))
             out["log_likelihood"]["train"] = torch.cat(lls).double().cpu().numpy()
         return out
 

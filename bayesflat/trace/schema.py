@@ -17,7 +17,8 @@ group                     variables and dimensions
                           ``(chain, draw, ...)``, float64; ``diverging`` bool
 ``predictions``           class probabilities per evaluation set,
                           ``(chain, draw, <set>_id, class)``, float32 (or float16);
-                          ``<set>_logits`` shares ``<set>_id``
+                          ``<set>_logits`` shares ``<set>_id``; draws of a Pyro
+                          model's scalar observed site, ``(chain, draw, <set>_id)``
 ``log_likelihood``        pointwise ``log p(y_i | x_i, theta)`` of training points,
                           ``(chain, draw, <var>_id)``, float64 (what ``az.loo`` reads)
 ``heldout_log_likelihood``  the same for labelled evaluation sets, ``(chain, draw,
@@ -227,8 +228,9 @@ def draw_variables(
         array = to_numpy(value)
         if layout == "set":
             expected = 4 if group == "predictions" else 3
-            if array.ndim != expected:
-                tail = ", n_class" if expected == 4 else ""
+            # Draws of a Pyro model's scalar observed site are predictions without classes.
+            if array.ndim != expected and not (group == "predictions" and array.ndim == 3):
+                tail = ", n_class) or (chain, draw, n" if expected == 4 else ""
                 raise ValueError(
                     f"{group}[{key!r}] has shape {array.shape}; expected (chain, draw, n{tail})"
                 )
