@@ -40,8 +40,9 @@ Two cases:
 
 The cyclical samplers (``csgld``, ``csghmc``, ``cfsgld``) are timed in their sampling phase
 (``exploration=0``, see ``METHOD_OPTIONS``): their exploration steps are ``T = 0`` steps, those
-of ``sgd`` (``csgld``, ``cfsgld``) or of momentum SGD (``csghmc``). Every other method runs
-with its defaults.
+of ``sgd`` (``csgld``, ``cfsgld``) or of momentum SGD (``csghmc``). pSGLD runs with its
+preconditioner frozen after one step (``adapt_steps=1``), as in its sampling phase. Every other
+method runs with its defaults.
 
 Memory, measured with ``torch.profiler`` (``profile_memory=True``), from its allocation
 events in time order:
@@ -103,6 +104,10 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "csgld": {"exploration": 0.0},
     "csghmc": {"exploration": 0.0},
     "cfsgld": {"exploration": 0.0},
+    # pSGLD's default preconditioner is estimated during the burn-in and then frozen: time the
+    # frozen sampling phase, as for the cyclical samplers.
+    "psgld": {"adapt_steps": 1},
+    "fpsgld": {"adapt_steps": 1},
 }
 
 # The schedule the hooks are told about (burn-in 0, thin 1): long enough that no method's
