@@ -510,3 +510,33 @@ def test_ctrl_c_at_any_moment_exits_130_with_one_line(tmp_path, delay):
     lines = [line for line in err.strip().splitlines() if "WARNING" not in line]
     assert len(lines) == 1 and lines[0].startswith("bayesflat run: interrupted: "), err
     assert "Traceback" not in err
+
+
+def test_a_ctrl_c_at_the_last_draw_is_not_swallowed(tmp_path):
+    import signal
+
+    d = _data()
+    calls = []
+
+    def ctrl_c_at_last_draw(model, sampler):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return 0.0
+
+    with pytest.raises(bayesflat.SamplingError, match="interrupt") as err:
+        bayesflat.sample(_model(), (d["x"], d["y"]), output=tmp_path / "run",
+                         stats_fns={"probe": ctrl_c_at_last_draw}, **_kwargs(d, draws=3))  # fmt: skip
+    assert isinstance(err.value.__cause__, KeyboardInterrupt)
+    assert btrace.trace_attrs(err.value.trace)["draws_kept"] == [3]
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_run_json_prints_the_headline_only(tmp_path):
+    code, out, err = _main(["run", "--sampler", "sgd", "--output", str(tmp_path / "run"),
+                            "--no-report", "--json", *TINY])  # fmt: skip
+    assert code == 0, err
+    payload = json.loads(out)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert payload["accuracy"] == saved["test"]["metrics"]["accuracy"]
+    assert payload["files"] == [str(tmp_path / "run" / n) for n in ("trace.nc", "metrics.json")]
