@@ -316,9 +316,12 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             result = call()
         except bayesflat.SamplingError as err:
+            message = str(err).replace(
+                "bayesflat.resume continues it", f"`bayesflat run --resume {out_dir}` continues it"
+            )
             if isinstance(err.__cause__, KeyboardInterrupt):
-                raise KeyboardInterrupt(str(err)) from None
-            raise CLIError(str(err)) from None
+                raise KeyboardInterrupt(message) from None
+            raise CLIError(message) from None
         if rank != 0:
             return 0
         report = build_report(result, figures=not args.no_report, **report_options)

@@ -540,3 +540,22 @@ def test_run_json_prints_the_headline_only(tmp_path):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert payload["accuracy"] == saved["test"]["metrics"]["accuracy"]
     assert payload["files"] == [str(tmp_path / "run" / n) for n in ("trace.nc", "metrics.json")]
+
+
+def test_ctrl_c_while_sampling_exits_130_naming_the_kept_draws_and_resume(tmp_path):
+    import signal
+
+    folder = tmp_path / "run"
+    proc = _python("-m", "bayesflat.cli", "run", "--output", str(folder), "--chains", "2",
+                   "--draws", "50", "--burn-in", "200", "--thin", "10", "--no-progress")  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(folder.glob("chains/*/checkpoint.pt")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.strip().splitlines() if "WARNING" not in line]
+    assert len(lines) == 1 and "draws kept" in lines[0], err
+    assert f"`bayesflat run --resume {folder}` continues it" in lines[0]
+    assert not (folder / ".lock").exists()
