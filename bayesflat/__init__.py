@@ -43,8 +43,16 @@ if TYPE_CHECKING:
     from bayesflat.trace import load, save
 
 
+_SUBPACKAGES = frozenset({
+    "cli", "data", "diagnostics", "metrics", "models", "predictive", "report", "run",
+    "schedules", "target", "trace",
+})  # fmt: skip
+
+
 def __getattr__(name: str) -> Any:
-    """Import a public name on first use (PEP 562)."""
+    """Import a public name or a sub-package on first use (PEP 562)."""
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"bayesflat.{name}")
     if name not in _LAZY:
         raise AttributeError(f"module 'bayesflat' has no attribute {name!r}")
     module_name, attribute = _LAZY[name]

@@ -354,9 +354,12 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             result = call()
         except bayesflat.SamplingError as err:
+            message = str(err).replace(
+                "bayesflat.resume continues it", f"`bayesflat run --resume {out_dir}` continues it"
+            )
             if isinstance(err.__cause__, KeyboardInterrupt):
-                raise KeyboardInterrupt(str(err)) from None
-            raise CLIError(str(err)) from None
+                raise KeyboardInterrupt(message) from None
+            raise CLIError(message) from None
         if rank != 0:
             return 0
         report = build_report(result, figures=not args.no_report, **report_options)
@@ -621,6 +624,8 @@ def _kept(args: argparse.Namespace | None, err: BaseException) -> str:
     if message:
         return message
     out_dir = getattr(args, "kept_in", None)
+    if out_dir is None and getattr(args, "command", None) == "run":
+        return "the run had not started; nothing written"
     if out_dir is None:
         return "nothing half-written (every file is replaced whole or not at all)"
     out_dir = Path(out_dir)
@@ -642,6 +647,22 @@ def _stdout_closed() -> int:
     except (OSError, ValueError, AttributeError):
         pass  # stdout is not a file descriptor (tests); nothing will be flushed to it
     return 0
+
+
+def _exit_now(status: int) -> None:
+    """End the process with ``status`` at once.
+
+    An interrupt that lands inside an extension's start-up code (torch's, during its import)
+    leaves CPython marked as killed by SIGINT even once handled, so a normal exit would report
+    the signal instead of ``status``. Every file has been written or removed by now.
+    """
+    import contextlib
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -693,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     except KeyboardInterrupt as err:
         print(f"{name}: interrupted: {_kept(args, err)}", file=sys.stderr)
+        if argv is None:
+            _exit_now(130)
         return 130
     except BrokenPipeError:
         return _stdout_closed()

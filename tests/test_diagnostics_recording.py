@@ -123,7 +123,7 @@ def test_recorded_values_match_the_draws():
 def test_rwp_gap_needs_a_scale_when_the_sampler_does_not_perturb():
     x, y = _toy()
     fns = diagnostic_stats(("rwp_gap",), data=(x, y), budget=BUDGET)
-    with pytest.raises(ValueError, match="rwp_sigma"):
+    with pytest.raises(bayesflat.SamplingError, match="draw 0 failed: ValueError: .*rwp_sigma"):
         _run(fns, sampler="sgld")
     fns = diagnostic_stats(("rwp_gap",), data=(x, y), budget=Budget(rwp_sigma=0.01))
     stats = btrace.groups(_run(fns, sampler="sgld"))["sample_stats"]

@@ -222,6 +222,10 @@ def test_compare_puts_runs_side_by_side(sampled, tmp_path):
         _synthetic(sampler="sgd", temperature=0.0), n_boot=10, figures=False
     )
     other = other.summary
+    with pytest.raises(ValueError, match=r"runs 'fsgld-run' and 'sgd-run' are scored on "
+                       r"different test sets \(\d+ and 50 examples\)"):  # fmt: skip
+        report.compare({"fsgld-run": rep.summary, "sgd-run": other})
+    other = {**other, "test": {**rep.summary["test"], "metrics": other["test"]["metrics"]}}
     comparison = report.compare({"fsgld-run": rep.summary, "sgd-run": other})
     table = comparison.table()
     assert "fsgld-run" in table and "sgd-run" in table and "AUROC ood_patches" in table

@@ -72,10 +72,7 @@ def assert_same_draws(a, b, skip: tuple[str, ...] = ()) -> None:
 
 
 class _InterruptAt:
-    """A per-draw statistic raising KeyboardInterrupt (a Ctrl-C) at its ``at``-th call.
-
-    The run calls it once before the first step (the preflight check), then at every draw.
-    """
+    """A per-draw statistic that raises KeyboardInterrupt (a Ctrl-C) at its ``at``-th call."""
 
     def __init__(self, at: int) -> None:
         self.at, self.calls = at, 0
@@ -99,7 +96,7 @@ def test_n_draws_resume_n_draws_equals_2n_straight(sampler, tmp_path):
     # Interrupted at the 7th recorded draw: chain 0 half done (swag: inside its draw phase).
     with pytest.raises(KeyboardInterrupt):
         bayesflat.sample(
-            _model(), (x, y), stats_fns={"probe": _InterruptAt(8)}, output=tmp_path,
+            _model(), (x, y), stats_fns={"probe": _InterruptAt(7)}, output=tmp_path,
             checkpoint_every=2, **kw,
         )  # fmt: skip
     state = load_checkpoint(tmp_path / "chains" / "chain_0000" / "checkpoint.pt")
@@ -223,7 +220,7 @@ def test_resume_refuses_different_settings(tmp_path):
     x, y = _toy()
     with pytest.raises(KeyboardInterrupt):
         bayesflat.sample(_model(), (x, y), output=tmp_path, checkpoint_every=1,
-                         stats_fns={"probe": _InterruptAt(4)}, **_kwargs())  # fmt: skip
+                         stats_fns={"probe": _InterruptAt(3)}, **_kwargs())  # fmt: skip
     with pytest.raises(
         ValueError, match=r"differ from the stored run: lr \(run folder: 0.05, now: 0.1\)"
     ):

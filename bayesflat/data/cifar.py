@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bayesflat import _io
 from bayesflat._checks import check_choice, check_int
 from bayesflat.data._common import (
     LabelledImages,
@@ -356,7 +357,7 @@ def write_cifar_binary(path, x, y, *, coarse=None) -> Path:
     columns = [np.asarray(lab, dtype=np.uint8)[:, None] for lab in labels]
     records = np.concatenate([*columns, images.reshape(len(images), PIXELS)], axis=1)
     path = Path(path)
-    path.write_bytes(records.tobytes())
+    _io.write_bytes(path, records.tobytes())
     return path
 
 
@@ -398,8 +399,7 @@ def write_cifar_python(path, x, y, *, coarse=None, batch_label: str = "batch") -
         batch[b"fine_labels"] = fine.tolist()
         batch[b"coarse_labels"] = coarse.tolist()
     path = Path(path)
-    with open(path, "wb") as handle:
-        pickle.dump(batch, handle, protocol=2)
+    _io.write_bytes(path, pickle.dumps(batch, protocol=2))
     return path
 
 
@@ -484,12 +484,11 @@ def write_cifar_folder(
             _NAME_KEYS[variant][label].encode(): [n.encode() for n in names[label]]
             for label in _NUM_CLASSES[variant]
         }
-        with open(folder / _PYTHON_META[variant], "wb") as handle:
-            pickle.dump(meta, handle, protocol=2)
+        _io.write_bytes(folder / _PYTHON_META[variant], pickle.dumps(meta, protocol=2))
     else:
         for label in _NUM_CLASSES[variant]:
             text = "".join(f"{n}\n" for n in names[label]) + "\n"
-            (folder / _BINARY_NAMES[variant].format(label=label)).write_text(text, encoding="utf-8")
+            _io.write_text(folder / _BINARY_NAMES[variant].format(label=label), text)
     return folder
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bayesflat import _io
 from bayesflat._checks import check_choice, check_int
 from bayesflat.data._common import LabelledImages, check_dir, int_labels, uint8_images
 
@@ -237,9 +238,17 @@ def write_image_folder(path, x, y, classes: Sequence[str], *, ext: str = "png") 
     labels = int_labels(y, len(images), "y", len(names))
     root = Path(path)
     width = max(5, len(str(len(images))))
+    suffix = ext.lstrip(".") if isinstance(ext, str) else ext
+    image_format = Image.registered_extensions().get(f".{str(suffix).lower()}")
+    if image_format is None:
+        raise ValueError(
+            f"ext={ext!r} is not an image format Pillow writes; use a lossless one such as "
+            "'png', 'bmp' or 'tiff'"
+        )
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / names[label]
         folder.mkdir(parents=True, exist_ok=True)
         pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        Image.fromarray(pixels).save(folder / f"{i:0{width}d}.{ext.lstrip('.')}")
+        with _io.atomic_path(folder / f"{i:0{width}d}.{suffix}", fsync=False) as temporary:
+            Image.fromarray(pixels).save(temporary, format=image_format)
     return root

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bayesflat import _io
 from bayesflat.data._common import LabelledImages, check_file, check_labels, default_names
 
 __all__ = ["load_idx", "write_idx"]
@@ -133,7 +134,7 @@ def write_idx(path, array, *, compress: bool = False) -> Path:
     header = bytes([0, 0, code, values.ndim]) + np.array(values.shape, dtype=">u4").tobytes()
     raw = header + values.astype(_IDX_DTYPES[code], copy=False).tobytes()
     path = Path(path)
-    path.write_bytes(gzip.compress(raw) if compress else raw)
+    _io.write_bytes(path, gzip.compress(raw) if compress else raw)
     return path
 
 

@@ -192,9 +192,9 @@ def sample(
         Where chains run (default: the model's device).
     stats_fns : mapping, optional
         ``name -> fn(model, sampler)`` evaluated at every kept draw; each returns a number or
-        an array recorded in ``sample_stats``. Each is also called once on the initial model
-        before the first step, so that a failing function or a name the run records itself
-        is refused before any sampling. Functions must be picklable for ``workers > 1``.
+        an array recorded in ``sample_stats``. A name the run records itself is refused
+        before the first step; a function that raises stops the run at that draw (naming it),
+        with the draws before it kept. Functions must be picklable for ``workers > 1``.
     recipe : mapping, optional
         JSON-able description from which :func:`resume` can rebuild ``model``, ``train_data``
         and ``eval_sets`` (``bayesflat run`` stores its arguments).
@@ -254,11 +254,12 @@ def sample(
     with contextlib.ExitStack() as owner:
 
         def prepare() -> RunFolder | None:
-            folder = _prepare_folder(output, overwrite, owner)
+            folder = _prepare_folder(
+                output, overwrite, owner, check=lambda path: _capacity(spec, path, disk=True)
+            )
             if folder is None:
                 _capacity(spec, None, disk=False)
                 return None
-            _capacity(spec, folder.path, disk=True)
             folder.write_meta(_meta(spec, static, recipe, status="running"))
             folder.write_static(static)
             return folder
@@ -594,8 +595,17 @@ def _choose_executor(executor: str, workers: int) -> str:
 # -- the run folder -------------------------------------------------------------------------------
 
 
-def _prepare_folder(output: Any, overwrite: bool, owner: contextlib.ExitStack) -> RunFolder | None:
-    """Check ``output``, take its lock (held until ``owner`` closes) and clear it if asked."""
+def _prepare_folder(
+    output: Any,
+    overwrite: bool,
+    owner: contextlib.ExitStack,
+    check: Callable[[Path], None],
+) -> RunFolder | None:
+    """Check ``output``, take its lock (held until ``owner`` closes) and clear it if asked.
+
+    ``check(path)`` runs once the folder is locked and before anything in it is removed, so a
+    refused run (``overwrite`` included) leaves the previous run as it was.
+    """
     if output is None:
         return None
     if not isinstance(output, str | os.PathLike):
@@ -608,6 +618,7 @@ def _prepare_folder(output: Any, overwrite: bool, owner: contextlib.ExitStack) -
         owner.enter_context(run_lock(path))
     except OSError as err:
         raise ValueError(f"output folder {path} is not writable: {err.strerror or err}") from None
+    check(path)
     if folder.exists() or folder.trace_nc.exists():
         if not overwrite:
             state = "a finished run" if folder.trace_nc.exists() else "an unfinished run"

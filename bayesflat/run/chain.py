@@ -94,7 +94,7 @@ class _Recorder:
         stats["lp"] = -spec.num_data * stats["potential"]
         stats["step"] = step
         for name, fn in spec.stats_fns.items():
-            stats[name] = fn(module, self.sampler)
+            stats[name] = _statistic(name, fn, module, self.sampler, chain, draw)
         out: Record = {"sample_stats": {k: np.asarray(v, np.float64) for k, v in stats.items()}}
         posterior = {k: _host(v) for k, v in target.posterior_variables().items()}
         if spec.target.kind == "module":
@@ -193,6 +193,21 @@ class _Recorder:
                     lls.append(target.pointwise_log_likelihood(target.predict(xb), yb))
             out["log_likelihood"]["train"] = torch.cat(lls).double().cpu().numpy()
         return out
+
+
+def _statistic(name: str, fn: Any, module: nn.Module, sampler: Any, chain: int, draw: int) -> Any:
+    """``fn(module, sampler)`` as float64; a failure stops the chain, naming the function."""
+    where = f"stats_fns[{name!r}] at chain {chain}, draw {draw}"
+    try:
+        value = np.asarray(fn(module, sampler), dtype=np.float64)
+    except (KeyboardInterrupt, ChainFailure):
+        raise
+    except Exception as err:  # noqa: BLE001 - user code: report any failure, keep the draws
+        raise ChainFailure(
+            f"{where} failed: {type(err).__name__}: {' '.join(str(err).split())}",
+            chain=chain, step=-1,
+        ) from err  # fmt: skip
+    return value
 
 
 def _host(value: Any) -> np.ndarray:
@@ -312,8 +327,7 @@ def preflight(spec: RunSpec) -> None:
                         f"eval_sets[{s.name!r}] has label {int(s.labels.max())} but the model "
                         f"has {n_out} outputs (labels must be in [0, {n_out}))"
                     )
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        _check_stats_fns(spec, target)
+    _check_stats_fns(spec, target)
 
 
 def _check_train_tensors(spec: RunSpec, target: Any) -> None:
@@ -362,10 +376,11 @@ _GENERATED_STATS = ("potential", "lp", "step")
 
 
 def _check_stats_fns(spec: RunSpec, target: Any) -> None:
-    """Evaluate every ``stats_fns`` entry once on the initial model: a finite number or array.
+    """Refuse ``stats_fns`` names that the run records itself (they would overwrite them).
 
-    Names that the run records itself (the sampler's statistics, ``potential``, ``lp``,
-    ``step``) are refused: the function would overwrite them.
+    The functions are not called here: they may keep state (a generator, a counter) that one
+    extra call would change. One that fails at a draw stops the run there, naming it, with
+    the draws before it kept.
     """
     if not spec.stats_fns:
         return
@@ -374,23 +389,11 @@ def _check_stats_fns(spec: RunSpec, target: Any) -> None:
         temperature=spec.temperature, generator=None, options=dict(spec.options),
     )  # fmt: skip
     generated = {*_GENERATED_STATS, *sampler.stats()}
-    for name, fn in spec.stats_fns.items():
+    for name in spec.stats_fns:
         if name in generated:
             raise ValueError(
                 f"stats_fns[{name!r}] collides with the statistic {name!r} the run records "
                 f"itself (taken: {sorted(generated)}); rename it"
-            )
-        try:
-            value = np.asarray(fn(target.module, sampler), dtype=np.float64)
-        except Exception as err:  # noqa: BLE001 - any failure of user code is reported here
-            raise ValueError(
-                f"stats_fns[{name!r}] fails on the initial model: {type(err).__name__}: "
-                f"{' '.join(str(err).split())}; it must return a number or an array"
-            ) from err
-        if not np.all(np.isfinite(value)):
-            raise ValueError(
-                f"stats_fns[{name!r}] returns non-finite values on the initial model; it must "
-                "return finite numbers"
             )
 
 
