@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import arviz as az
 import numpy as np
 import pytest
 import torch
@@ -173,6 +174,9 @@ def test_batchnorm_buffers_are_not_posterior_variables():
         if "tensor" in var.dims:
             assert list(var["tensor"].values) == parameters
     assert "1.running_mean" in groups["weights"].data_vars
+    rows = [str(r) for r in az.summary(tr).index]
+    assert len(rows) == len(parameters) + 8  # weight norms and projections only
+    assert not any("running" in r or "num_batches" in r for r in rows)
 
 
 def test_resume_with_batchnorm_equals_the_uninterrupted_run(tmp_path):
