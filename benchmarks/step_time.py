@@ -8,7 +8,8 @@ A *step* is zero grad + forward + backward + update on one fixed minibatch:
   update of bayesflat's ``sgd``);
 - every method of the registry :mod:`bayesflat.samplers` (built as the driver builds it:
   ``get(name)(params, lr=LR, num_data=N, temperature=T, generator=...)`` with ``T = 1`` for
-  samplers and ``T = 0`` for optimisers, then its ``begin_chain`` hook and ``planned_steps``):
+  samplers and ``T = 0`` for optimisers, then ``bind_schedule``, ``watch``, its
+  ``begin_chain`` hook and ``planned_steps``):
   ``opt.step(posterior.closure(x, y, value=False))``, the closure the run engine builds for
   the steps whose potential it does not read (the NLL is returned; the prior's value is not
   computed, its gradient is).
@@ -279,8 +280,11 @@ def build_methods(
             generator=torch.Generator().manual_seed(seed),
             **options,
         )
-        # The driver's order: begin_chain, then planned_steps (which fixes a cyclical
-        # sampler's cycle length).
+        # The driver's order: bind_schedule (a burn-in of one step: pSGLD's preconditioner is
+        # then frozen, as in its sampling phase), watch, begin_chain, then planned_steps
+        # (which fixes a cyclical sampler's cycle length).
+        opt.bind_schedule(1, PLANNED_DRAWS, 1)
+        opt.watch(model)
         begin_chain = getattr(opt, "begin_chain", None)
         if callable(begin_chain):
             begin_chain(ChainContext(model, [(x, y)], 0, PLANNED_DRAWS, 1))

@@ -83,6 +83,7 @@ def check_samplers_as_optimizers(out: str, cwd: Path) -> None:
     ):
         assert claim in out, f"{claim!r} not in:\n{out}"
     assert "left at their values:         ['1.weight', '1.bias']" in out
+    assert "running-statistics updates in a watched step: 0" in out
     # polynomial_decay(0.1, b=1, gamma=0.55) at step 100 and the temperature ramp t / 200.
     assert number(r"step 100: lr = {n}", out) == pytest.approx(0.1 * 101**-0.55, abs=1e-4)
     assert number(r"step 100: lr = [\d.]+, T = {n}", out) == pytest.approx(0.5)

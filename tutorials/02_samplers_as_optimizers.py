@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 import bayesflat
 from bayesflat import Posterior, data, metrics, models, samplers, schedules
@@ -223,6 +224,15 @@ def watching_closure() -> torch.Tensor:
 opt.step(watching_closure)
 print("   perturbed inside the closure:", [n for n, m in moved.items() if m])
 print("   left at their values:        ", [n for n, m in moved.items() if not m])
+
+# The running statistics: a pass at perturbed weights would fold them in. Once the sampler
+# watches the model (bayesflat.sample does this for every chain), passes away from theta leave
+# them alone; recompute them at a draw's weights before evaluating it, as SWA does.
+opt.watch(net)
+tracked = int(net[1].num_batches_tracked)
+opt.step(Posterior(net, num_data=N, prior=1.0).closure(*batch(1)))
+print("   running-statistics updates in a watched step:", int(net[1].num_batches_tracked) - tracked)
+update_bn([batch(s)[0] for s in range(N // BATCH)], net)
 
 
 # %% 6. A new sampler in one class ------------------------------------------------------------

@@ -21,6 +21,15 @@ A sampler may take part in what is recorded (trajectory methods do):
     chain's last step, each of the ``count`` states it yields (the module holds the draw; it
     yields a dict of extra statistics) is recorded as one draw. For such draws ``potential`` is
     evaluated on the next training minibatch in eval mode.
+
+BatchNorm
+---------
+The engine watches every chain's module (:meth:`~bayesflat.samplers.base.Sampler.watch`), so
+gradient estimators that evaluate away from ``theta`` (fSGLD, RWP, NSO, SAM's second pass)
+leave the running statistics alone. For those samplers the statistics of every kept draw are
+recomputed at its weights from one pass over the training split
+(:func:`torch.optim.swa_utils.update_bn`) before it is recorded; the chain itself never reads
+them (training mode normalises with batch statistics), so this changes no draw's weights.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from bayesflat.run.checkpoint import ChainState, snapshot
 from bayesflat.run.spec import ChainContext, RunSpec, chain_seeds, make_sampler
@@ -208,6 +218,26 @@ def _statistic(name: str, fn: Any, module: nn.Module, sampler: Any, chain: int, 
             chain=chain, step=-1,
         ) from err  # fmt: skip
     return value
+
+
+def _recomputes_batchnorm(sampler: Any, module: nn.Module) -> bool:
+    """Whether kept draws get their BatchNorm statistics recomputed (see the module notes)."""
+    tracked = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for m in module.modules()
+    )
+    return tracked and getattr(sampler.estimator, "moves_weights", False)
+
+
+def _recomputed_batchnorm(module: nn.Module, batches: Any) -> Callable[[], Any]:
+    """``recorded_state`` hook: the draw's BatchNorm statistics from one training pass."""
+
+    @contextlib.contextmanager
+    def recorded() -> Iterator[None]:
+        update_bn(batches, module)
+        yield
+
+    return recorded
 
 
 def _host(value: Any) -> np.ndarray:
@@ -464,6 +494,7 @@ def run_chain(
         temperature=spec.temperature, generator=noise, options=dict(spec.options),
     )  # fmt: skip
     sampler.bind_schedule(spec.burn_in, spec.draws, spec.thin)
+    sampler.watch(module)
     stream = MinibatchStream(spec.train, spec.batch_size, seeds.data, device, shard=shard)
     one_pass = spec.train.one_pass(spec.batch_size, device)
     begin = getattr(sampler, "begin_chain", None)
@@ -471,6 +502,8 @@ def run_chain(
         begin(ChainContext(module, one_pass, spec.burn_in, spec.draws, spec.thin))
     recorded_state = getattr(sampler, "recorded_state", None)
     chain_draws = getattr(sampler, "chain_draws", None)
+    if recorded_state is None and _recomputes_batchnorm(sampler, module):
+        recorded_state = _recomputed_batchnorm(module, one_pass)
     planned = sampler.planned_steps(spec.burn_in, spec.draws, spec.thin)
     loo_x, loo_y = _loo_data(spec, target, device)
     recorder = _Recorder(

@@ -21,12 +21,13 @@ estimator zeroes them once per step and lets repeated evaluations accumulate.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
@@ -34,6 +35,8 @@ from bayesflat._checks import check_positive, validate_num_data, validate_temper
 
 __all__ = [
     "Closure",
+    "batchnorm_layers",
+    "frozen_batchnorm",
     "Dynamics",
     "FlatBuffer",
     "GradientEstimator",
@@ -162,16 +165,64 @@ def _with_step_hooks(step: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return hooked
 
 
+def batchnorm_layers(model: nn.Module | None) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model`` (none for ``None``)."""
+    if model is None:
+        return []
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(layers: Iterable[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Within the block, BatchNorm layers in training mode do not update running statistics.
+
+    ``track_running_stats`` is switched off for those layers and restored on exit: in training
+    mode a BatchNorm layer normalises with the batch statistics either way, so the forward and
+    backward passes are unchanged and only the update of ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` is suppressed.
+    """
+    switched = [m for m in layers if m.training and m.track_running_stats]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
+
+
 class GradientEstimator:
     """Where the closure is evaluated and how its gradients are combined.
 
     Subclasses implement :meth:`estimate`, which must leave the combined gradient in
     ``p.grad`` for every parameter that received one and return the potential value.
     ``defaults`` are hyperparameters added to every param group.
+
+    BatchNorm: an estimator that evaluates the closure anywhere but at the current weights
+    ``theta`` does so inside :meth:`away_from_theta`, which keeps the running statistics of
+    the watched model (:meth:`watch`) as they are. The statistics are then only ever updated
+    by passes at ``theta``, at most once per step; ``moves_weights`` says which estimators
+    may evaluate away from ``theta``.
     """
 
     name = "plain"
     defaults: dict[str, Any] = {}
+    moves_weights = False
+    _batchnorm: list[nn.modules.batchnorm._BatchNorm] = []
+
+    def watch(self, model: nn.Module | None) -> None:
+        """Keep the BatchNorm running statistics of ``model`` out of passes away from theta."""
+        self._batchnorm = batchnorm_layers(model)
+
+    def away_from_theta(self) -> contextlib.AbstractContextManager[None]:
+        """Context for every closure evaluation at weights other than ``theta``.
+
+        The watched model's BatchNorm layers normalise with the batch statistics as always,
+        but leave their running statistics unchanged (:func:`frozen_batchnorm`).
+        """
+        return frozen_batchnorm(self._batchnorm)
 
     def estimate(self, sampler: Sampler, closure: Closure) -> Tensor:
         """Fill ``p.grad`` and return the (detached) potential."""
@@ -315,6 +366,14 @@ class Sampler(torch.optim.Optimizer):
             raise ValueError(f"perturb must be True or False, got {group['perturb']!r}")
         self.estimator.validate(group)
         self.dynamics.validate(group)
+
+    def watch(self, model: nn.Module | None) -> None:
+        """Name the module whose BatchNorm statistics passes away from theta must not move.
+
+        The run engine calls it for every chain; call it once when stepping a sampler by hand
+        on a network with BatchNorm (see :meth:`GradientEstimator.away_from_theta`).
+        """
+        self.estimator.watch(model)
 
     # -- workspace ------------------------------------------------------------------------------
 

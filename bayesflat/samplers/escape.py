@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from bayesflat.samplers.base import Closure, Sampler
 from bayesflat.samplers.langevin import LangevinDynamics
-from bayesflat.samplers.sam import SecondPassGradient, SecondPassOptimiser, frozen_batchnorm
+from bayesflat.samplers.sam import SecondPassGradient, SecondPassOptimiser
 
 __all__ = ["DIRECTIONS", "Escape", "EscapeSAM", "RandomlySmoothedPerturbation"]
 
@@ -126,7 +126,7 @@ class RandomlySmoothedPerturbation(SecondPassGradient):
         # its memory.
         del grads
         sampler.zero_grad(set_to_none=True)
-        with frozen_batchnorm(self._batchnorm), torch.enable_grad():
+        with self.away_from_theta(), torch.enable_grad():
             closure()
         torch._foreach_copy_(moved, backup)
         h = [p.grad for p in params]

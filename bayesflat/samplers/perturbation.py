@@ -19,6 +19,11 @@ Two options serve the random-weight-perturbation optimisers:
   by ``sigma * ||W_i|| * eps_i``; a one-dimensional tensor (bias, normalisation scale) is one
   filter, ``sigma * ||W|| * eps``.
 
+BatchNorm: every evaluation at perturbed weights runs inside
+:meth:`~bayesflat.samplers.base.GradientEstimator.away_from_theta`, so the running statistics
+of the watched model are left alone (only the ``clean_weight`` pass, at ``theta``, updates
+them, once per step); the run engine recomputes them at every kept draw.
+
 Memory: one backup buffer the size of the parameters; the perturbation is drawn into the
 same buffer the Langevin noise uses; ``filter_normalised`` adds one more parameter-sized buffer.
 """
@@ -132,6 +137,7 @@ class PerturbedGradient(GradientEstimator):
 
     name = "perturbed"
     defaults: dict[str, Any] = {"sigma": 0.0, "perturb": True}
+    moves_weights = True
 
     def __init__(
         self,
@@ -235,7 +241,7 @@ class PerturbedGradient(GradientEstimator):
                     torch._foreach_copy_(params, backup)
                 for plist, eps, sigma in moves:
                     torch._foreach_add_(plist, eps, alpha=sign * sigma)
-                with torch.enable_grad():
+                with self.away_from_theta(), torch.enable_grad():
                     losses.append(closure())
         torch._foreach_copy_(params, backup)
         if num_evals > 1 or clean is not None:

@@ -9,24 +9,30 @@ the maximiser is ``e = rho g / ||g||`` and the update takes the gradient there:
     g_SAM = grad L_B(theta + e)                      (second pass, same minibatch)
     theta <- theta - lr * g_SAM                      (+ sqrt(2 lr T / N) xi when T > 0)
 
-BatchNorm running statistics are updated by the first pass only: during the second pass every
-BatchNorm layer in training mode stops tracking them (its forward pass is otherwise unchanged,
-it normalises with the batch statistics as before). The weights are restored exactly after the
-second pass (copied back from a backup buffer).
+BatchNorm running statistics are updated by the first pass only: the second pass runs inside
+:meth:`~bayesflat.samplers.base.GradientEstimator.away_from_theta`, as every pass away from
+``theta`` of every estimator does, so the watched model's BatchNorm layers stop tracking them
+(their forward pass is otherwise unchanged: they normalise with the batch statistics). The
+weights are restored exactly after the second pass (copied back from a backup buffer).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bayesflat._checks import check_positive
-from bayesflat.samplers.base import Closure, GradientEstimator, Sampler
+from bayesflat.samplers.base import (
+    Closure,
+    GradientEstimator,
+    Sampler,
+    batchnorm_layers,
+    frozen_batchnorm,
+)
 from bayesflat.samplers.langevin import LangevinDynamics
 
 __all__ = [
@@ -39,48 +45,18 @@ __all__ = [
 ]
 
 
-def batchnorm_layers(model: nn.Module | None) -> list[nn.modules.batchnorm._BatchNorm]:
-    """Every BatchNorm layer of ``model`` (none for ``None``)."""
-    if model is None:
-        return []
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@contextlib.contextmanager
-def frozen_batchnorm(layers: Iterable[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
-    """Within the block, BatchNorm layers in training mode do not update running statistics.
-
-    ``track_running_stats`` is switched off for those layers and restored on exit: in training
-    mode a BatchNorm layer normalises with the batch statistics either way, so only the update
-    of ``running_mean``, ``running_var`` and ``num_batches_tracked`` is suppressed.
-    """
-    switched = [m for m in layers if m.training and m.track_running_stats]
-    for m in switched:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.track_running_stats = True
-
-
 class SecondPassGradient(GradientEstimator):
     """Base of the estimators that take a second gradient at ``theta`` moved by ``rho``.
 
     Holds the per-group radius ``rho`` (checked ``>= 0``) and the BatchNorm layers whose
-    running statistics the second pass must leave alone (:func:`frozen_batchnorm`).
+    running statistics the second pass must leave alone (:meth:`away_from_theta`).
     """
 
     defaults: dict[str, Any] = {"rho": 0.05, "perturb": True}
+    moves_weights = True
 
     def __init__(self, model: nn.Module | None = None) -> None:
-        self._batchnorm = batchnorm_layers(model)
-
-    def watch(self, model: nn.Module | None) -> None:
-        """Freeze the BatchNorm statistics of ``model`` during the second pass."""
-        self._batchnorm = batchnorm_layers(model)
+        self.watch(model)
 
     def validate(self, group: dict[str, Any]) -> None:
         """Check ``rho >= 0``."""
@@ -91,10 +67,6 @@ class SecondPassOptimiser(Sampler):
     """A sampler whose estimator is a :class:`SecondPassGradient`."""
 
     estimator: SecondPassGradient
-
-    def begin_chain(self, context: Any) -> None:
-        """Driver hook: freeze the chain model's BatchNorm statistics in the second pass."""
-        self.estimator.watch(context.model)
 
 
 class SharpnessAwareGradient(SecondPassGradient):
@@ -149,7 +121,7 @@ class SharpnessAwareGradient(SecondPassGradient):
         rhos = [rho for _, _, rho in active]
         del active, grads
         sampler.zero_grad(set_to_none=True)
-        with frozen_batchnorm(self._batchnorm), torch.enable_grad():
+        with self.away_from_theta(), torch.enable_grad():
             perturbed = closure()
         torch._foreach_copy_(params, backup)
         ascent_sq = sum((rho * float(n)) ** 2 for rho, n in zip(rhos, group_norms, strict=True))

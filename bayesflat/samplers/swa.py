@@ -38,9 +38,8 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
 from bayesflat._checks import check_int, check_positive
-from bayesflat.samplers.base import FlatBuffer, PlainGradient, Sampler
+from bayesflat.samplers.base import FlatBuffer, PlainGradient, Sampler, batchnorm_layers
 from bayesflat.samplers.langevin import LangevinDynamics
-from bayesflat.samplers.sam import batchnorm_layers
 
 __all__ = ["SWA", "SWAG", "SWAGFit", "SWAGMoments", "fit_swag", "swa_from_trace"]
 
