@@ -183,15 +183,31 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
         "temperature": settings["temperature"],
         "prior": settings["prior_scale"],
         "store_logits": True,
+        "stats_fns": _temperature_stats(digits, settings),
         **options,
     }
     return model, (digits.x_train, digits.y_train), eval_sets, kwargs
 
 
+def _temperature_stats(digits: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Record ``theta . grad L`` at every draw: the configurational temperature of the verdict.
+
+    One gradient per kept draw on a fixed subset of 512 training points (unbiased for the
+    full-data gradient, so the estimate stays unbiased).
+    """
+    from bayesflat.diagnostics import Budget, diagnostic_stats
+
+    return diagnostic_stats(
+        ("configurational_temperature",), data=(digits.x_train, digits.y_train),
+        budget=Budget(gradient_subsample=512), prior=settings["prior_scale"],
+        seed=settings["seed"],
+    )  # fmt: skip
+
+
 def rebuild_run(recipe: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     """What :func:`bayesflat.resume` needs to continue a run of ``bayesflat run``."""
-    model, train, eval_sets, _ = _run_inputs(recipe["args"])
-    return model, train, eval_sets, {}
+    model, train, eval_sets, kwargs = _run_inputs(recipe["args"])
+    return model, train, eval_sets, {"stats_fns": kwargs["stats_fns"]}
 
 
 def _explicit(argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str, Any]:

@@ -418,12 +418,16 @@ def diagnostic_stats(
     state = _DrawDiagnostics(
         chosen, _as_pair(data), budget, resolved.likelihood, resolved.prior, int(seed)
     )
+    return {variable: _Recorded(state, variable) for variable in recorded_names(chosen)}
 
-    def make(variable: str) -> Callable[[nn.Module, Any], float]:
-        def fn(model: nn.Module, sampler: Any) -> float:
-            return state.value(variable, model, sampler)
 
-        fn.__name__ = f"diagnostic_{variable}"
-        return fn
+class _Recorded:
+    """One recorded variable of a shared :class:`_DrawDiagnostics` (picklable, for processes)."""
 
-    return {variable: make(variable) for variable in recorded_names(chosen)}
+    def __init__(self, state: Any, variable: str) -> None:
+        self.state = state
+        self.variable = variable
+        self.__name__ = f"diagnostic_{variable}"
+
+    def __call__(self, model: nn.Module, sampler: Any) -> float:
+        return self.state.value(self.variable, model, sampler)
