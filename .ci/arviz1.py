@@ -19,7 +19,8 @@ ARVIZ = ["arviz==1.3.0", "arviz-base", "arviz-stats", "numpy<2.5", "scipy<1.18",
 TESTS = [
     "tests/test_trace.py", "tests/test_sampling.py", "tests/test_run.py",
     "tests/test_predictive.py", "tests/test_report.py", "tests/test_convergence.py",
-    "tests/test_diagnose_cli.py",
+    "tests/test_diagnose_cli.py", "tests/test_verdict.py", "tests/test_loo.py",
+    "tests/test_divergence.py", "tests/test_arviz_layout.py",
 ]  # fmt: skip
 
 

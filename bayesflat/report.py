@@ -1054,6 +1054,13 @@ def _density_html(density: Mapping[str, Any] | None) -> str:
         return ""
     rows = []
     loo = density.get("elpd_loo")
+    note = ""
+    if loo is not None and loo["pareto_k_above_0.7"] > 0:
+        note = (
+            f" {loo['pareto_k_above_0.7']} of {loo['n']} training points have Pareto k > 0.7, "
+            "where PSIS-LOO is unreliable (too few or too correlated draws, or points that "
+            "move the posterior much): trust the held-out lppd instead."
+        )
     if loo is not None:
         rows.append([
             f"elpd_loo, training points (PSIS-LOO, {loo['pareto_k_above_0.7']} with k > 0.7)",
@@ -1067,7 +1074,8 @@ def _density_html(density: Mapping[str, Any] | None) -> str:
         "elpd_loo leaves out each training point in turn (az.loo on the log_likelihood group); "
         "lppd is the log of the BMA's probability of each held-out label, summed "
         "(per point: minus the BMA's NLL). On held-out data drawn like the training data the "
-        "per-point numbers estimate the same quantity; ± is the standard error over points.",
+        "per-point numbers estimate the same quantity; ± is the standard error over points."
+        + _esc(note),
     )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """The pass / warn / fail verdict: its rules, and where the report and the CLI show it."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -118,3 +119,21 @@ def test_trace_verdict_reads_sample_stats_diverging():
     diverging[1, -5:] = True
     v = trace_verdict(_trace(diverging=diverging))
     assert v.status == "fail" and v.numbers["divergent_chains"] == [1]
+
+
+def test_cli_run_records_the_configurational_temperature_and_prints_the_verdict(tmp_path, capsys):
+    from bayesflat.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "--chains", "2", "--burn-in", "20", "--draws", "6", "--thin", "2",
+            "--no-progress", "--no-report", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    note = next(i for i, line in enumerate(printed) if line.startswith("value ±"))
+    assert printed[note + 1].startswith(("FAIL:", "WARNING:"))  # 2 chains x 6 draws
+    assert any("configurational temperature" in line for line in printed[note + 1 :])
+    stats = btrace.groups(btrace.load(out))["sample_stats"]
+    assert {"theta_dot_grad", "theta_dot_grad_dim", "diverging"} <= set(stats.data_vars)
+    v = json.loads((out / "metrics.json").read_text())["verdict"]
+    assert v["temperature"]["target"] == 1.0 and math.isfinite(v["temperature"]["configurational"])
+    assert any(r["check"] == "chains" for r in v["reasons"])

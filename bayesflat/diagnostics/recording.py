@@ -418,7 +418,6 @@ def diagnostic_stats(
     state = _DrawDiagnostics(
         chosen, _as_pair(data), budget, resolved.likelihood, resolved.prior, int(seed)
     )
-
     return {variable: _DrawVariable(state, variable) for variable in recorded_names(chosen)}
 
 

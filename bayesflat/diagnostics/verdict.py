@@ -11,9 +11,9 @@ check                                                  level    default threshol
 any chain with a diverging draw                        fail     ``sample_stats.diverging``
 R-hat of a predictive functional above ``rhat_fail``   fail     1.1
 R-hat of a predictive functional above ``rhat_warn``   warn     1.01
-bulk ESS of a predictive functional below              warn     100 per chain
-``ess_per_chain * chains``
+bulk ESS of a predictive functional too low            warn     100 per chain
 R-hat or ESS not computable (NaN)                      warn
+configurational temperature away from ``T``            warn     ``diagnose``'s rule
 R-hat of a weight projection above ``rhat_warn``       warn     1.01
 fewer than ``min_chains`` chains                       warn     4
 =====================================================  =======  ===========================
@@ -173,8 +173,9 @@ def verdict(
         if bad:
             detail = ", ".join(f"chain {c}: {int(per_chain[c])}" for c in bad)
             reasons.append(Reason("fail", "divergence",
-                                  f"{len(bad)} of {flags.shape[0]} chains diverged "
-                                  f"(diverging draws {detail})"))  # fmt: skip
+                                  f"{len(bad)} of {flags.shape[0]} chains have diverging "
+                                  f"draws ({detail}): non-finite potential, weights beyond 10 "
+                                  "prior stds, or training predictions at chance"))  # fmt: skip
     else:
         numbers["diverging_per_chain"] = None
         numbers["divergent_chains"] = []
@@ -230,11 +231,18 @@ def verdict(
 
     for row in diagnosis.section("temperature"):
         if row.name == "configurational":
-            numbers["temperature"] = {
-                "configurational": row.values.get("estimate"),
-                "mcse": row.values.get("mcse"),
-                "target": row.values.get("target"),
-            }
+            temp = {k: row.values.get(k) for k in ("estimate", "mcse", "target")}
+            numbers["temperature"] = {"configurational": temp["estimate"], "mcse": temp["mcse"],
+                                      "target": temp["target"]}  # fmt: skip
+            if row.verdict != "pass" and all(
+                isinstance(v, int | float) and math.isfinite(v) for v in temp.values()
+            ):
+                reasons.append(Reason("warn", "temperature",
+                                      f"configurational temperature {temp['estimate']:.3g} ± "
+                                      f"{temp['mcse']:.2g}, target T = {temp['target']:g}: the "
+                                      "chains are not at the target's equilibrium (for "
+                                      "perturbation samplers such as fSGLD part of the gap is "
+                                      "the smoothing of the potential)"))  # fmt: skip
 
     reasons.sort(key=lambda r: -LEVELS.index(r.level))
     status = reasons[0].level if reasons else "pass"

@@ -388,7 +388,9 @@ def _resume_locked(
         raise ValueError(f"{folder.run_json} is not a bayesflat run description")
     if model is None:
         model, train_data, eval_sets, stored_settings = _from_recipe(meta, folder)
-        stats_fns = stored_settings.pop("stats_fns", stats_fns)
+        stored_settings = dict(stored_settings)
+        rebuilt_stats = stored_settings.pop("stats_fns", None)
+        stats_fns = rebuilt_stats if stats_fns is None else stats_fns
         settings = {**stored_settings, **settings}
     elif train_data is None:
         raise ValueError("resume needs train_data together with model (as given to sample)")
