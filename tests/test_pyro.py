@@ -95,17 +95,17 @@ def _kwargs(**kw):
     return args
 
 
-def _target(model, data, **kw):
+def _target(model, data, device="cpu", **kw):
     x, y = data
-    return PyroTargetSpec(model, (x[:2], y[:2]), num_data=len(x), **kw).build(0, "cpu")
+    return PyroTargetSpec(model, (x[:2], y[:2]), num_data=len(x), **kw).build(0, device)
 
 
 # -- the potential -------------------------------------------------------------------------------
 
 
-def test_potential_equals_the_hand_formula_with_the_log_jacobian():
-    x, y = _regression_data()
-    target = _target(regression, (x, y))
+def test_potential_equals_the_hand_formula_with_the_log_jacobian(device):
+    x, y = (t.to(device) for t in _regression_data())
+    target = _target(regression, (x, y), device)
     xb, yb = x[:16], y[:16]
     n, b = len(x), len(xb)
     u = dict(target.module.by_site())
@@ -136,13 +136,13 @@ def test_a_subsampled_plate_is_scaled_once():
     )
 
 
-def test_constrained_sites_are_recorded_in_the_constrained_space():
+def test_constrained_sites_are_recorded_in_the_constrained_space(device):
     x, y = _regression_data()
     target = _target(regression, (x, y))
     with torch.no_grad():
         target.module.s.fill_(-1.5)
     assert float(target.posterior_variables()["s"]) == pytest.approx(math.exp(-1.5), rel=1e-6)
-    trace = bayesflat.sample(regression, (x, y), **_kwargs())
+    trace = bayesflat.sample(regression, (x, y), device=str(device), **_kwargs())
     posterior = btrace.get_group(trace, "posterior")
     assert set(posterior.data_vars) == {"w", "s"}
     assert posterior["w"].dims == ("chain", "draw", "w_dim_0")
