@@ -347,6 +347,10 @@ def test_other_bad_arguments_are_refused():
     x, y = _regression_data()
     with pytest.raises(TypeError, match="model must be"):
         bayesflat.sample(3, (x, y), **_kwargs())
+    with pytest.raises(ValueError, match="likelihood and prior are for torch modules"):
+        bayesflat.sample(regression, (x, y), prior=2.0, **_kwargs())
+    with pytest.raises(ValueError, match="likelihood and prior are for torch modules"):
+        bayesflat.sample(regression, (x, y), likelihood="gaussian", **_kwargs())
     with pytest.raises(ValueError, match="init='model' is for torch modules"):
         bayesflat.sample(regression, (x, y), init="model", **_kwargs())
     with pytest.raises(ValueError, match=r"eval_sets \['test'\] have labels.*inputs only"):
