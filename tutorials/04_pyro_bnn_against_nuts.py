@@ -17,8 +17,9 @@ the two posteriors side by side:
 The network is small (64-8-10 on 500 digits) so that NUTS finishes in a few minutes: NUTS
 needs the full-data gradient hundreds of times per draw, fSGLD one minibatch gradient per step.
 
-Run it with ``python tutorials/04_pyro_bnn_against_nuts.py`` (about three minutes on two
-cores); ``BAYESFLAT_TUTORIAL_QUICK=1`` shrinks the budget to a smoke test of a few seconds.
+Run it with ``python tutorials/04_pyro_bnn_against_nuts.py`` (15 minutes on two busy shared
+cores: 5 for fSGLD, 9 for NUTS); ``BAYESFLAT_TUTORIAL_QUICK=1`` shrinks the budget to a smoke
+test of a few seconds.
 """
 
 import os
@@ -137,8 +138,13 @@ print(f"nuts: {NUTS_BUDGET['chains']} chains x {NUTS_BUDGET['draws']} draws in "
 
 # %% 1. az.compare ----------------------------------------------------------------------------
 # Both traces hold log p(y_i | x_i, theta) of the same training points in log_likelihood, so
-# ArviZ ranks them by PSIS-LOO. With few draws the Pareto k diagnostics warn; the full budget
-# gives the numbers worth reading.
+# ArviZ ranks them by PSIS-LOO. With so few draws of 610 weights the Pareto k diagnostics warn
+# for both. Read the ranking for what each sampler targets: NUTS the Bayes posterior, fSGLD the
+# posterior of the perturbed potential v = E[L(theta + sigma eps)] ~ L + sigma^2 / 2 tr H
+# (sigma = (T / N)^((1 + eta) / 4) ~ 0.18 here), which spreads into flatter, higher-loss
+# weights. In the full run NUTS ranks first (elpd_loo -113 against -282 nats) and predicts the
+# test set better (accuracy 0.96 against 0.90): on a network this small flatness buys nothing,
+# and the price of the perturbation shows.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     comparison = az.compare({"fsgld": fsgld, "nuts": nuts})
@@ -152,6 +158,7 @@ axes = az.plot_forest(
     [fsgld, nuts], model_names=["fsgld", "nuts"], var_names=["fc2.bias"], combined=True
 )
 figure = out / "forest_fc2_bias.png"
+axes.ravel()[0].figure.tight_layout()
 axes.ravel()[0].figure.savefig(figure, dpi=80)
 print(f"wrote {figure}")
 
