@@ -1,6 +1,7 @@
 """Command line: ``bayesflat run``, ``report``, ``compare`` and ``samplers``.
 
-- ``bayesflat run`` samples the embedded digits posterior and writes ``trace.nc``,
+- ``bayesflat run`` samples the posterior of a reference network on the embedded digits, or on
+  a user's image set (``--data PATH``, with ``--ood PATH`` sets), and writes ``trace.nc``,
   ``metrics.json`` and ``report.html`` into its output folder, then prints the headline table;
 - ``bayesflat report TRACE`` writes ``metrics.json`` and ``report.html`` for a saved trace;
 - ``bayesflat compare RUN...`` puts several runs in one table with a combined reliability plot;
@@ -13,6 +14,7 @@ stops early has already saved the draws it kept. Sub-commands live in :data:`COM
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -61,11 +63,42 @@ def _default_output(sampler: str, seed: int) -> Path:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``bayesflat run``; defaults from :data:`bayesflat.defaults.DEFAULTS`."""
+    """Arguments of ``bayesflat run``; defaults from :data:`bayesflat.defaults.DEFAULTS`.
+
+    Without ``--data`` the run samples the embedded digits.
+    """
     from bayesflat.defaults import DEFAULTS as D
 
     p.add_argument("--sampler", default=D.sampler, help="registry name (see `bayesflat samplers`)")
-    p.add_argument("--model", default=D.model, choices=("mlp", "cnn"), help="reference network")
+    p.add_argument(
+        "--data", default=None, metavar="PATH",
+        help="a labelled image set (CIFAR batches, SVHN .mat, image folder, npz, IDX; see "
+        "bayesflat.data.load) instead of the embedded digits",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", default=None, help="format of --data and --ood (default: recognised)"
+    )
+    p.add_argument(
+        "--ood", action="append", default=[], metavar="PATH",
+        help="an out-of-distribution image set for --data's model, repeatable (eval set "
+        "ood_<name>; its test split if it has one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--augment", action="store_true",
+        help="--data: random crop (4-pixel padding) and horizontal flip of training images",
+    )  # fmt: skip
+    p.add_argument(
+        "--model", default=D.model, choices=("mlp", "cnn", "convnet32", "resnet18"),
+        help="reference network (convnet32 and resnet18 need --data)",
+    )  # fmt: skip
+    p.add_argument(
+        "--width", type=int, default=None,
+        help="channels of the first stage of cnn, convnet32 and resnet18 (default: the model's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-weights", action="store_true",
+        help="do not store the weights of every draw (predictions and statistics only)",
+    )  # fmt: skip
     p.add_argument("--chains", type=int, default=D.chains, help="independent chains")
     p.add_argument("--draws", type=int, default=D.draws, help="draws kept per chain")
     p.add_argument("--burn-in", type=int, default=D.burn_in, help="steps discarded per chain")
@@ -169,7 +202,7 @@ def _report_options(args: argparse.Namespace) -> dict[str, Any]:
 _RECIPE_KEYS = (
     "sampler", "model", "chains", "draws", "burn_in", "thin", "batch_size", "seed", "lr",
     "temperature", "prior_scale", "sigma", "eta", "option", "val_size", "threads",
-    "configurational_temperature",
+    "configurational_temperature", "data", "format", "ood", "augment", "width", "no_weights",
 )  # fmt: skip
 """The arguments of ``bayesflat run`` that determine its draws (stored for ``--resume``)."""
 
@@ -178,29 +211,20 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
     """Model, training data, evaluation sets and :func:`bayesflat.sample` keywords of a run."""
     import torch
 
-    from bayesflat import data as bdata
-    from bayesflat import models
-
     options = _parse_options(settings["option"])
     for name in ("sigma", "eta"):
         if settings.get(name) is not None:
             options[name] = settings[name]
     _check_threads(settings["threads"])
     torch.set_num_threads(settings["threads"])
-    digits = bdata.load_digits_split(val_size=settings["val_size"], flatten=True)
-    eval_sets: dict[str, Any] = {"test": (digits.x_test, digits.y_test)}
-    if settings["val_size"] > 0:
-        eval_sets["val"] = (digits.x_val, digits.y_val)
-    for name, x in bdata.ood_sets(digits).items():
-        eval_sets[f"ood_{name}"] = x
-    model = models.build_model(settings["model"], num_classes=digits.num_classes)
-    train = (digits.x_train, digits.y_train)
-    # runs recorded before this setting existed did not record it
-    stats_fns = (
-        _temperature_stats(train, settings)
-        if settings.get("configurational_temperature", False)
-        else {}
-    )
+    if settings.get("data") is None:
+        train, eval_sets, model = _digits_inputs(settings)
+    else:
+        train, eval_sets, model = _file_inputs(settings)
+    # runs recorded before this setting existed did not record it; the estimator needs the
+    # training tensors, which a --data run streams from a Dataset instead
+    record = settings.get("configurational_temperature", False) and isinstance(train, tuple)
+    stats_fns = _temperature_stats(train, settings) if record else {}
     kwargs = {
         "sampler": settings["sampler"],
         "chains": settings["chains"],
@@ -214,6 +238,7 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
         "prior": settings["prior_scale"],
         "store_logits": True,
         "stats_fns": stats_fns,
+        "store_weights": not settings.get("no_weights", False),
         **options,
     }
     return model, train, eval_sets, kwargs
@@ -240,6 +265,80 @@ def _temperature_stats(train: Any, settings: dict[str, Any]) -> dict[str, Any]:
         budget=Budget(gradient_subsample=512), prior=settings["prior_scale"],
         seed=settings["seed"],
     )  # fmt: skip
+
+
+def _digits_inputs(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:
+    """The embedded digits: training tensors, test/val/OOD sets and the model."""
+    from bayesflat import data as bdata
+    from bayesflat import models
+
+    for flag in ("ood", "augment", "format"):
+        if settings.get(flag):
+            raise CLIError(f"--{flag} needs --data (the embedded digits have their own OOD sets)")
+    if settings["model"] not in ("mlp", "cnn"):
+        raise CLIError(
+            f"--model {settings['model']} is for 32x32 images: give --data, or use mlp or cnn "
+            "on the embedded digits"
+        )
+    digits = bdata.load_digits_split(val_size=settings["val_size"], flatten=True)
+    eval_sets: dict[str, Any] = {"test": (digits.x_test, digits.y_test)}
+    if settings["val_size"] > 0:
+        eval_sets["val"] = (digits.x_val, digits.y_val)
+    for name, x in bdata.ood_sets(digits).items():
+        eval_sets[f"ood_{name}"] = x
+    model = models.build_model(
+        settings["model"], num_classes=digits.num_classes, **_width(settings)
+    )
+    return (digits.x_train, digits.y_train), eval_sets, model
+
+
+def _width(settings: dict[str, Any]) -> dict[str, int]:
+    width = settings.get("width")
+    if width is None:
+        return {}
+    if settings["model"] == "mlp":
+        raise CLIError("--width is for cnn, convnet32 and resnet18; mlp has fixed widths")
+    if width < 1:
+        raise CLIError(f"--width must be >= 1, got {width}")
+    return {"width": width}
+
+
+def _set_name(path: str) -> str:
+    """``ood_<name>`` of an OOD path: its file or folder name as an identifier."""
+    stem = Path(path).name.split(".")[0] or "set"
+    name = "".join(c if c.isalnum() else "_" for c in stem).strip("_").lower() or "set"
+    return f"ood_{name}"
+
+
+def _file_inputs(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:
+    """A user's image set: its training Dataset, test/val/OOD sets and the model."""
+    from bayesflat import data as bdata
+    from bayesflat import models
+
+    split = bdata.load(settings["data"], settings.get("format"), val_size=settings["val_size"])
+    eval_sets: dict[str, Any] = dict(split.eval_sets())
+    for path in settings.get("ood") or []:
+        name = _set_name(path)
+        if name in eval_sets:
+            raise CLIError(f"two --ood sets are both named {name!r}; give their files other names")
+        eval_sets[name] = bdata.load_ood(path, split, settings.get("format"))
+    shape = tuple(split.x_train.shape[1:])
+    name = settings["model"]
+    if name == "mlp":
+        model = models.MLP(in_features=math.prod(shape), num_classes=split.num_classes)
+    else:
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise CLIError(
+                f"--model {name} needs square images (C, H, H); --data holds inputs of shape "
+                f"{shape}: use --model mlp"
+            )
+        extra = {"image_size": shape[1]} if name in ("cnn", "resnet18") else {}
+        model = models.build_model(
+            name, in_channels=split.channels, num_classes=split.num_classes, **extra,
+            **_width(settings),
+        )  # fmt: skip
+    train = split.train_dataset(augment=bool(settings.get("augment")))
+    return train, eval_sets, model
 
 
 def rebuild_run(recipe: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
@@ -313,8 +412,12 @@ def _owned(out_dir: Path, rank: int) -> Any:
     return run_lock(out_dir)
 
 
+def _size(train: Any) -> int:
+    return len(train[1]) if isinstance(train, tuple) else len(train)
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Sample the digits posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
+    """Sample a posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
     import bayesflat
     from bayesflat.report import build_report
     from bayesflat.run.sinks import RunFolder
@@ -354,7 +457,8 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         out_dir = _shared_output(args.output or _default_output(args.sampler, args.seed), world)
         model, train, eval_sets, kwargs = _run_inputs(settings)
-        say(f"bayesflat run: {args.sampler} on digits ({len(train[1])} train) -> {out_dir}")
+        source = args.data or "digits"
+        say(f"bayesflat run: {args.sampler} on {source} ({_size(train)} train) -> {out_dir}")
         call = lambda: bayesflat.sample(  # noqa: E731
             model, train, eval_sets=eval_sets, progress=not args.no_progress, output=out_dir,
             overwrite=args.force, workers=args.workers, executor=args.executor,
@@ -557,8 +661,8 @@ class Command(NamedTuple):
 
 
 COMMANDS: list[Command] = [
-    Command("run", "sample the embedded digits posterior and report it", add_run_arguments,
-            run_command),
+    Command("run", "sample a network's posterior on digits or your images and report it",
+            add_run_arguments, run_command),
     Command("report", "write the HTML and JSON report of a saved trace", add_report_arguments,
             report_command),
     Command("compare", "compare several runs in one table and reliability plot",

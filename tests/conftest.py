@@ -15,6 +15,16 @@ def _one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""Devices the device-parametrised tests run on: the CPU, and CUDA where it is available."""
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device of :data:`DEVICES` in turn (tests that can run on a GPU take this)."""
+    return torch.device(request.param)
+
+
 ARVIZ_1 = int(__import__("importlib.metadata").metadata.version("arviz").split(".")[0]) >= 1
 """Whether the installed ArviZ is 1.x (traces are xarray.DataTree, results new classes)."""
 

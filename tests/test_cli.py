@@ -116,3 +116,75 @@ def test_command_table_is_the_parser(capsys):
         cli.build_parser().parse_args(["--help"])
     help_text = capsys.readouterr().out
     assert all(name in help_text for name in names)
+
+
+# -- users' own data ------------------------------------------------------------------------------
+
+
+def _images(n: int, channels: int, size: int, seed: int, classes: int = 2):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.integers(0, 64, size=(n, channels, size, size), dtype=np.uint8)
+    x[y == 1] += 128  # class 1 is brighter: learnable in a few steps
+    return x, y
+
+
+def test_run_on_an_npz_file_with_an_ood_set(tmp_path):
+    import numpy as np
+
+    x, y = _images(60, 1, 8, seed=0)
+    np.savez(tmp_path / "shapes.npz", x=x, y=y)
+    np.savez(tmp_path / "noise-set.npz", x=_images(12, 1, 8, seed=1)[0], y=np.zeros(12, int))
+    out = tmp_path / "run"
+    code, text, err = _main(
+        ["run", "--data", str(tmp_path / "shapes.npz"), "--ood", str(tmp_path / "noise-set.npz"),
+         "--model", "cnn", "--width", "4", "--batch-size", "8", "--output", str(out),
+         "--no-report", *TINY]
+    )  # fmt: skip
+    assert code == 0, err
+    assert "shapes.npz (43 train)" in text  # 20% test, then 10% of the rest for validation
+    trace = btrace.load(out / "trace.nc")
+    predictions = btrace.get_group(trace, "predictions")
+    assert predictions["test"].shape == (2, 3, 12, 2)
+    assert predictions["val"].shape == (2, 3, 5, 2)
+    assert predictions["ood_noise_set"].shape == (2, 3, 12, 2)
+    assert "AUROC ood_noise_set" in text
+    assert btrace.trace_attrs(trace)["num_data"] == 43
+
+
+def test_run_on_cifar_batches_with_resnet18_and_resume(tmp_path):
+    from bayesflat.data import write_cifar_folder
+
+    classes = [f"c{k}" for k in range(10)]
+    train, test = _images(40, 3, 32, seed=2, classes=10), _images(10, 3, 32, seed=3, classes=10)
+    write_cifar_folder(tmp_path / "cifar", train, test, classes=classes, batches=2)
+    out = tmp_path / "run"
+    argv = ["run", "--data", str(tmp_path / "cifar"), "--model", "resnet18", "--width", "2",
+            "--augment", "--no-weights", "--val-size", "0", "--batch-size", "8", "--output",
+            str(out), "--no-report", *TINY]  # fmt: skip
+    code, text, err = _main(argv)
+    assert code == 0, err
+    trace = btrace.load(out / "trace.nc")
+    assert "weights" not in btrace.groups(trace)
+    assert btrace.get_group(trace, "predictions")["test"].shape == (2, 3, 10, 10)
+    attrs = btrace.trace_attrs(trace)
+    assert attrs["model"] == "ResNet18" and attrs["num_data"] == 40
+    # The stored recipe rebuilds the same data and model: --resume of a finished run loads it.
+    code, text, err = _main(["run", "--resume", str(out), "--no-report", "--no-progress"])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--model", "resnet18"], "--model resnet18 is for 32x32 images: give --data"),
+        (["--ood", "x.npz"], "--ood needs --data"),
+        (["--model", "mlp", "--width", "3"], "--width is for cnn"),
+        (["--data", "missing.npz"], "missing.npz"),
+    ],
+)
+def test_bad_data_options_are_one_line_errors(tmp_path, argv, expected):
+    code, _, err = _main(["run", *argv, "--output", str(tmp_path / "run"), *TINY])
+    assert code == 1 and err.count("\n") == 1 and expected in err, err

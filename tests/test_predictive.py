@@ -60,11 +60,11 @@ def test_from_trace_reads_probs_labels_and_logits(mlp_run):
 
 
 @pytest.mark.parametrize("name", ["test", "val", "ood_patches"])
-def test_predict_from_weights_equals_stored_predictions(mlp_run, name):
+def test_predict_from_weights_equals_stored_predictions(mlp_run, name, device):
     model, sets, trace = mlp_run
     x = sets[name][0] if isinstance(sets[name], tuple) else sets[name]
     stored = predictive.from_trace(trace, name)
-    recomputed = predictive.predict(trace, model, x, batch_size=17)
+    recomputed = predictive.predict(trace, model, x, batch_size=17, device=device)
     np.testing.assert_allclose(recomputed.probs, stored.probs, rtol=0, atol=1e-5)
     np.testing.assert_allclose(recomputed.logits, stored.logits, rtol=0, atol=1e-5)
     np.testing.assert_allclose(recomputed.mean(), stored.mean(), rtol=0, atol=1e-5)

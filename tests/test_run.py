@@ -110,14 +110,14 @@ def test_n_draws_resume_n_draws_equals_2n_straight(sampler, tmp_path):
     assert attrs["complete"] is True and attrs["draws_kept"] == [12, 12]
 
 
-def test_run_chain_stops_cleanly_and_continues(tmp_path):
+def test_run_chain_stops_cleanly_and_continues(tmp_path, device):
     from bayesflat.run.chain import ChainStopped, run_chain
     from bayesflat.run.sinks import FolderSink, MemorySink, RunFolder
 
     x, y = _toy()
     spec = bayesflat.run.make_spec(
         _model(), (x, y), sampler="sghmc", chains=1, burn_in=10, draws=12, thin=2, batch_size=16,
-        eval_sets=EVAL, seed=3, lr=0.05,
+        eval_sets=EVAL, seed=3, lr=0.05, device=str(device),
     )  # fmt: skip
     whole = MemorySink(1, 12)
     run_chain(spec, 0, whole)

@@ -101,10 +101,10 @@ COLD = {
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["one-group", "two-lrs"])
 @pytest.mark.parametrize("name", list(COLD))
-def test_zero_temperature_is_torch_sgd(name, grouped):
-    x, y = dataset()
-    ours, ref = mlp(), mlp()
-    sampler = COLD[name](groups_of(ours, grouped), torch.Generator().manual_seed(3))
+def test_zero_temperature_is_torch_sgd(name, grouped, device):
+    x, y = (t.to(device) for t in dataset())
+    ours, ref = mlp().to(device), mlp().to(device)
+    sampler = COLD[name](groups_of(ours, grouped), torch.Generator(device).manual_seed(3))
     reference = torch.optim.SGD(groups_of(ref, grouped), lr=0.05)
     post, ref_post = posterior(ours, temperature=0.0), posterior(ref, temperature=0.0)
 
@@ -433,10 +433,17 @@ CHAINS = {
 }
 
 
-def run(name: str, seed: int, steps: range, model: nn.Module | None = None, state=None):
-    model = model if model is not None else mlp()
-    x, y = dataset()
-    sampler = CHAINS[name](model.parameters(), torch.Generator().manual_seed(seed))
+def run(
+    name: str,
+    seed: int,
+    steps: range,
+    model: nn.Module | None = None,
+    state=None,
+    device: torch.device | str = "cpu",
+):
+    model = model if model is not None else mlp().to(device)
+    x, y = (t.to(device) for t in dataset())
+    sampler = CHAINS[name](model.parameters(), torch.Generator(device).manual_seed(seed))
     if state is not None:
         sampler.load_state_dict(state)
     post = posterior(model)
@@ -446,23 +453,23 @@ def run(name: str, seed: int, steps: range, model: nn.Module | None = None, stat
 
 
 @pytest.mark.parametrize("name", list(CHAINS))
-def test_same_seed_same_chain(name):
-    first, _ = run(name, 10, range(50))
-    second, _ = run(name, 10, range(50))
-    other, _ = run(name, 11, range(50))
+def test_same_seed_same_chain(name, device):
+    first, _ = run(name, 10, range(50), device=device)
+    second, _ = run(name, 10, range(50), device=device)
+    other, _ = run(name, 11, range(50), device=device)
     for p, q, r in zip(first.parameters(), second.parameters(), other.parameters(), strict=True):
         assert torch.equal(p, q)
         assert not torch.equal(p, r)
 
 
 @pytest.mark.parametrize("name", list(CHAINS))
-def test_state_dict_resumes_bit_for_bit(name):
-    straight, _ = run(name, 12, range(50))
-    model, sampler = run(name, 12, range(20))
+def test_state_dict_resumes_bit_for_bit(name, device):
+    straight, _ = run(name, 12, range(50), device=device)
+    model, sampler = run(name, 12, range(20), device=device)
     state = copy.deepcopy(sampler.state_dict())
     resumed = copy.deepcopy(model)
     # a different seed: the generator state must come from the checkpoint
-    resumed, sampler = run(name, 99, range(20, 50), model=resumed, state=state)
+    resumed, sampler = run(name, 99, range(20, 50), model=resumed, state=state, device=device)
     assert all(g["step"] == 50 for g in sampler.param_groups)
     for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)

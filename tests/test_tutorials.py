@@ -103,10 +103,26 @@ def check_flatness_and_convergence(out: str, cwd: Path) -> None:
         assert section in out
 
 
+def check_pyro_bnn_against_nuts(out: str, cwd: Path) -> None:
+    assert "fsgld posterior variables: fc1.weight, fc1.bias, fc2.weight, fc2.bias" in out
+    # az.compare ranks both posteriors by PSIS-LOO on the same training points.
+    rows = {
+        name: float(value)
+        for name, value in re.findall(rf"^(fsgld|nuts)\s+\d+\s+{NUMBER}", out, re.M)
+    }
+    assert set(rows) == {"fsgld", "nuts"}
+    assert all(math.isfinite(v) and v < 0 for v in rows.values())
+    assert (cwd / "tutorial04_pyro" / "forest_fc2_bias.png").stat().st_size > 0
+    fsgld = number(r"test accuracy \(BMA\): fsgld {n}", out)
+    nuts = number(r"test accuracy \(BMA\): fsgld [\d.]+, nuts {n}", out)
+    assert 0 <= fsgld <= 1 and 0 <= nuts <= 1
+
+
 CHECKS = {
     "01_fsgld_on_digits.py": check_fsgld_on_digits,
     "02_samplers_as_optimizers.py": check_samplers_as_optimizers,
     "03_flatness_and_convergence.py": check_flatness_and_convergence,
+    "04_pyro_bnn_against_nuts.py": check_pyro_bnn_against_nuts,
 }
 
 

@@ -532,6 +532,13 @@ def _target_spec(
     if hasattr(model, "build") and hasattr(model, "config"):
         return model
     if _is_pyro(model) or callable(model):
+        if not (isinstance(likelihood, str) and likelihood == "categorical") or not (
+            isinstance(prior, int | float) and prior == 1.0
+        ):
+            raise ValueError(
+                "likelihood and prior are for torch modules; a Pyro model's observed sites are "
+                "its likelihood and its latent sites its prior: leave them out"
+            )
         if init != "reset":
             raise ValueError(
                 f"init={init!r} is for torch modules; a Pyro model's chains start from draws "

@@ -245,6 +245,14 @@ class PyroTargetSpec:
     init : {"prior", "uniform"}, default "prior"
         Each chain starts from a draw of the prior (under the chain's init seed), or, as Pyro's
         ``init_to_uniform``, from ``U(-2, 2)`` in the unconstrained space.
+
+    Notes
+    -----
+    On a GPU the model runs with that device as torch's default device, so distributions it
+    creates when called land there. Distributions created once, outside the call (a
+    ``PyroSample(dist.Normal(0., 1.).expand([h, d]))`` prior is built with the module), stay
+    where they were built: give such priors as callables, ``PyroSample(lambda self:
+    dist.Normal(0., 1.).expand([h, d]).to_event(2))``, to have them built on the device.
     """
 
     model: Any
@@ -315,6 +323,7 @@ class PyroTargetSpec:
         return PyroTarget(
             model, _Latents(values), latents, self._obs_site,  # type: ignore[attr-defined]
             self._likelihood, self.num_data, self.temperature,  # type: ignore[attr-defined]
+            device=device,
         )  # fmt: skip
 
     def config(self) -> dict[str, Any]:
@@ -360,8 +369,10 @@ class PyroTarget:
         likelihood: str,
         num_data: int,
         temperature: float,
+        device: torch.device | None = None,
     ) -> None:
         self.model = model
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.module = latents
         self.sites = sites
         self.obs_site = obs_site
@@ -370,6 +381,14 @@ class PyroTarget:
         self.temperature = temperature
         self.categorical = likelihood in ("Categorical", "Bernoulli")
         self._names = {s.name for s in sites}
+
+    def _trace(self, *args: Any, data: dict[str, Tensor]) -> Any:
+        """Trace the model conditioned on ``data``; off the CPU, constants it creates (the
+        ``Normal(0., 1.)`` of a prior) are created on the target's device."""
+        if self.device.type == "cpu":
+            return _trace(self.model, *args, data=data)
+        with self.device:
+            return _trace(self.model, *args, data=data)
 
     def constrained(self) -> tuple[dict[str, Tensor], Tensor]:
         """The latents ``z = T(u)`` by site name, and ``sum log|det dz/du|`` (nats)."""
@@ -391,7 +410,7 @@ class PyroTarget:
         from pyro.distributions.util import scale_and_mask
 
         values, log_jac = self.constrained()
-        trace = _trace(self.model, inputs, targets, data=values)
+        trace = self._trace(inputs, targets, data=values)
         latent, observed = [log_jac], []
         ratio = self.num_data / int(targets.shape[0])
         for name, site in _sample_sites(trace).items():
@@ -425,7 +444,7 @@ class PyroTarget:
     def _observed_site(self, inputs: Tensor, targets: Tensor | None) -> dict[str, Any]:
         values, _ = self.constrained()
         args = (inputs,) if targets is None else (inputs, targets)
-        return _trace(self.model, *args, data=values).nodes[self.obs_site]
+        return self._trace(*args, data=values).nodes[self.obs_site]
 
     def predict(self, inputs: Tensor) -> Tensor:
         """Class logits ``(n, classes)`` for a categorical likelihood, else a draw of the site.
