@@ -82,6 +82,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="further sampler option, repeatable (e.g. --option num_perturbations=2)",
     )  # fmt: skip
     p.add_argument("--val-size", type=float, default=0.1, help="validation fraction of train")
+    p.add_argument(
+        "--probabilities", action="store_true",
+        help="also store class probabilities in the trace (default: logits only; "
+        "probabilities are their softmax)",
+    )  # fmt: skip
+    p.add_argument(
+        "--float16", action="store_true",
+        help="store predictions as float16 (half the space; probabilities move by < 3e-4)",
+    )  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="output folder (default: named)")
     p.add_argument(
         "--resume", type=Path, default=None, metavar="DIR",
@@ -141,6 +150,7 @@ def _report_options(args: argparse.Namespace) -> dict[str, Any]:
 _RECIPE_KEYS = (
     "sampler", "model", "chains", "draws", "burn_in", "thin", "batch_size", "seed", "lr",
     "temperature", "prior_scale", "sigma", "eta", "option", "val_size", "threads",
+    "probabilities", "float16",
 )  # fmt: skip
 """The arguments of ``bayesflat run`` that determine its draws (stored for ``--resume``)."""
 
@@ -178,6 +188,9 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
         "temperature": settings["temperature"],
         "prior": settings["prior_scale"],
         "store_logits": True,
+        # Runs recorded before these flags existed stored probabilities in float32.
+        "store_probabilities": settings.get("probabilities", True),
+        "prediction_dtype": "float16" if settings.get("float16", False) else "float32",
         **options,
     }
     return model, (digits.x_train, digits.y_train), eval_sets, kwargs

@@ -40,6 +40,8 @@ def test_run_writes_trace_metrics_and_report(runs, sampler):
     assert code == 0
     trace = btrace.load(folder / "trace.nc")
     assert btrace.trace_attrs(trace)["sampler"] == sampler
+    stored = set(btrace.get_group(trace, "predictions").data_vars)
+    assert stored == {"test_logits", "val_logits", "ood_noise_logits", "ood_patches_logits"}
     summary = json.loads((folder / "metrics.json").read_text())
     assert summary["format"] == FORMAT and summary["run"]["sampler"] == sampler
     assert summary["ensemble"]["kind"] == ("bma" if sampler == "fsgld" else "final")

@@ -457,3 +457,54 @@ def test_vectorised_refuses_dropout():
     x, y = _toy()
     with pytest.raises(ValueError, match="dropout"):
         bayesflat.sample(_model(dropout=0.2), (x, y), executor="vectorised", **_kwargs())
+
+
+# -- what the predictions group stores -------------------------------------------------------------
+
+
+def test_logits_only_traces_give_the_probabilities_of_full_traces():
+    """``store_probabilities=False`` stores ``<set>_logits`` alone; readers take their
+    softmax with the engine's own operation, so ensembles, set lists and convergence
+    functionals equal those of a trace that stored probabilities, bit for bit."""
+    from bayesflat import predictive
+    from bayesflat.diagnostics import functionals
+
+    full = bayesflat.sample(_model(), _toy(), **_kwargs(draws=3, store_logits=True))
+    lean = bayesflat.sample(
+        _model(), _toy(), **_kwargs(draws=3, store_logits=True, store_probabilities=False)
+    )
+    assert set(btrace.get_group(lean, "predictions").data_vars) == {"test_logits", "ood_logits"}
+    assert btrace.trace_attrs(lean)["store_probabilities"] is False
+    assert predictive.eval_sets(lean) == predictive.eval_sets(full) == {"test": True, "ood": False}
+    for name in ("test", "ood"):
+        a, b = predictive.from_trace(full, name), predictive.from_trace(lean, name)
+        assert np.array_equal(a.probs, b.probs) and np.array_equal(a.logits, b.logits)
+    fa, fb = functionals(full), functionals(lean)
+    assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_float16_predictions_round_to_half_precision():
+    """float16 keeps 11 significant bits: a probability in [0, 1] moves by at most half a
+    unit in the last place at 1, 2^-12; a logit z by at most |z| 2^-11, or half the
+    subnormal spacing, 2^-25, near 0."""
+    from bayesflat import predictive
+
+    runs = {
+        dtype: bayesflat.sample(
+            _model(), _toy(), **_kwargs(draws=3, store_logits=True, prediction_dtype=dtype)
+        )
+        for dtype in ("float32", "float16")
+    }
+    group = btrace.get_group(runs["float16"], "predictions")
+    assert {str(group[v].dtype) for v in group.data_vars} == {"float16"}
+    p32, p16 = (predictive.from_trace(runs[d]) for d in ("float32", "float16"))
+    assert np.abs(p16.probs.astype(np.float64) - p32.probs).max() <= 2.0**-12
+    z32 = p32.logits.astype(np.float64)
+    assert np.all(np.abs(p16.logits - z32) <= np.abs(z32) * 2.0**-11 + 2.0**-25)
+
+
+def test_prediction_storage_options_are_checked():
+    with pytest.raises(ValueError, match="store_logits and store_probabilities"):
+        bayesflat.sample(_model(), _toy(), **_kwargs(store_probabilities=False))
+    with pytest.raises(ValueError, match="prediction_dtype"):
+        bayesflat.sample(_model(), _toy(), **_kwargs(prediction_dtype="bfloat16"))
