@@ -89,7 +89,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--float16", action="store_true",
-        help="store predictions as float16 (half the space; probabilities move by < 3e-4)",
+        help="store predictions as float16 (half the space; a logit z moves by |z|/2048)",
     )  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="output folder (default: named)")
     p.add_argument(

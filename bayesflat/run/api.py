@@ -165,7 +165,8 @@ def sample(
         softmax of the logits.
     prediction_dtype : {"float32", "float16"}, default "float32"
         Storage type of the ``predictions`` group; ``"float16"`` halves it (a stored
-        probability then moves by up to about 2.4e-4).
+        probability then moves by at most 2.4e-4, a logit ``z`` by ``|z| 2^-11``; see
+        :data:`bayesflat.run.spec.PREDICTION_DTYPES`).
     loo_points : int, optional
         Training points whose pointwise log-likelihood is recorded for PSIS-LOO: all of them
         (default), or a fixed random subset of this size (its indices are in
