@@ -127,6 +127,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="record theta . grad L of the full-data potential at every kept draw "
         "(one training-set gradient per draw)",
     )  # fmt: skip
+    p.add_argument(
+        "--probabilities", action="store_true",
+        help="also store class probabilities in the trace (default: logits only; "
+        "probabilities are their softmax)",
+    )  # fmt: skip
+    p.add_argument(
+        "--float16", action="store_true",
+        help="store predictions as float16 (half the space; a logit z moves by |z|/2048)",
+    )  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="output folder (default: named)")
     p.add_argument(
         "--resume", type=Path, default=None, metavar="DIR",
@@ -203,6 +212,7 @@ _RECIPE_KEYS = (
     "sampler", "model", "chains", "draws", "burn_in", "thin", "batch_size", "seed", "lr",
     "temperature", "prior_scale", "sigma", "eta", "option", "val_size", "threads",
     "configurational_temperature", "data", "format", "ood", "augment", "width", "no_weights",
+    "probabilities", "float16",
 )  # fmt: skip
 """The arguments of ``bayesflat run`` that determine its draws (stored for ``--resume``)."""
 
@@ -239,6 +249,9 @@ def _run_inputs(settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], dic
         "store_logits": True,
         "stats_fns": stats_fns,
         "store_weights": not settings.get("no_weights", False),
+        # Runs recorded before these flags existed stored probabilities in float32.
+        "store_probabilities": settings.get("probabilities", True),
+        "prediction_dtype": "float16" if settings.get("float16", False) else "float32",
         **options,
     }
     return model, train, eval_sets, kwargs

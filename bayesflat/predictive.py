@@ -56,6 +56,7 @@ __all__ = [
     "estimate",
     "eval_sets",
     "from_trace",
+    "stored_probabilities",
     "ood_detection",
     "ood_scores",
     "predict",
@@ -379,13 +380,50 @@ def eval_sets(trace: Any) -> dict[str, bool]:
         )
     observed = _trace.get_group(trace, "observed_data")
     labelled = set() if observed is None else set(observed.data_vars)
+    return {
+        _trace.decode_name(name): name in labelled
+        for name in _stored_sets(predictions, _trace.trace_attrs(trace))
+    }
+
+
+def _stored_sets(predictions: Any, attrs: Mapping[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """Per stored set variable ``<set>``: the variable holding its probabilities (or, in a
+    trace stored with ``store_probabilities=False``, its logits) and its logits variable."""
     names = [str(v) for v in predictions.data_vars]
-    sets = {}
+    logits_only = attrs.get("store_probabilities", True) in (False, 0, "False", "false")
+    sets: dict[str, tuple[str, str | None]] = {}
     for name in names:
+        if logits_only:
+            if name.endswith("_logits"):
+                sets[name[: -len("_logits")]] = (name, name)
+            continue
         if name.endswith("_logits") and name[: -len("_logits")] in names:
             continue
-        sets[_trace.decode_name(name)] = name in labelled
+        sets[name] = (name, f"{name}_logits" if f"{name}_logits" in names else None)
     return sets
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """``exp(log_softmax(z))`` over the class axis in float32: the operation the run engine
+    stores probabilities with, so stored and recomputed probabilities are the same numbers."""
+    import torch
+
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    return torch.log_softmax(z, dim=-1).exp().numpy()
+
+
+def stored_probabilities(trace: Any, name: str) -> np.ndarray:
+    """Class probabilities of evaluation set ``name``, ``(chain, draw, n, class)``: as stored,
+    or the softmax of the stored logits when the trace keeps logits only."""
+    predictions = _trace.get_group(trace, "predictions")
+    var = _trace.encode_name(name)
+    sets = {} if predictions is None else _stored_sets(predictions, _trace.trace_attrs(trace))
+    if var not in sets:
+        raise ValueError(f"the trace has no predictions for the evaluation set {name!r}")
+    probs_var, logits_var = sets[var]
+    if probs_var == logits_var:
+        return _softmax(predictions[logits_var].values)
+    return predictions[probs_var].values
 
 
 def _kept_draws(trace: Any, chains: int, draws: int) -> tuple[list[int], int]:
@@ -425,12 +463,13 @@ def from_trace(trace: Any, name: str = "test") -> Ensemble:
         )
     predictions = _trace.get_group(trace, "predictions")
     var = _trace.encode_name(name)
-    probs = predictions[var].values
-    chains, n_draws = _kept_draws(trace, *probs.shape[:2])
-    probs = probs[chains, :n_draws]
+    probs_var, logits_var = _stored_sets(predictions, _trace.trace_attrs(trace))[var]
+    stored = predictions[probs_var].values
+    chains, n_draws = _kept_draws(trace, *stored.shape[:2])
     logits = None
-    if f"{var}_logits" in predictions:
-        logits = predictions[f"{var}_logits"].values[chains, :n_draws]
+    if logits_var is not None:
+        logits = predictions[logits_var].values[chains, :n_draws]
+    probs = _softmax(logits) if probs_var == logits_var else stored[chains, :n_draws]
     labels = None
     if sets[name]:
         labels = _trace.get_group(trace, "observed_data")[var].values

@@ -40,6 +40,8 @@ def test_run_writes_trace_metrics_and_report(runs, sampler):
     assert code == 0
     trace = btrace.load(folder / "trace.nc")
     assert btrace.trace_attrs(trace)["sampler"] == sampler
+    stored = set(btrace.get_group(trace, "predictions").data_vars)
+    assert stored == {"test_logits", "val_logits", "ood_noise_logits", "ood_patches_logits"}
     summary = json.loads((folder / "metrics.json").read_text())
     assert summary["format"] == FORMAT and summary["run"]["sampler"] == sampler
     assert summary["ensemble"]["kind"] == ("bma" if sampler == "fsgld" else "final")
@@ -80,10 +82,10 @@ def test_compare_command_writes_table_html_json_and_png(runs, tmp_path):
     assert "data:image/png;base64," in (tmp_path / "comparison.html").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_trace"])
-def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path, case):
-    (tmp_path / "notes.nc").write_text("not a trace\n")
-    path = tmp_path / ("missing.nc" if case == "missing" else "notes.nc")
+def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
+    """The one true subprocess test of ``report``: exit status and stderr as a shell sees
+    them, for a missing file."""
+    path = tmp_path / "missing.nc"
     result = subprocess.run(
         [sys.executable, "-m", "bayesflat.cli", "report", str(path)],
         capture_output=True, text=True, timeout=120,
@@ -93,6 +95,14 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path, case):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert lines[0].startswith("bayesflat report: error: ") and str(path) in lines[0]
+
+
+def test_a_file_that_is_not_a_trace_is_one_line(tmp_path):
+    path = tmp_path / "notes.nc"
+    path.write_text("not a trace\n")
+    code, _, err = _main(["report", str(path)])
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("bayesflat report: error: ") and str(path) in err
 
 
 def test_in_process_errors_are_one_line(tmp_path):

@@ -146,16 +146,27 @@ def test_diagnose_command_prints_and_writes(small_trace, capsys):
     assert result.to_dict() == {k: v for k, v in payload.items() if k != "trace"}
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_a_trace"])
-def test_bad_paths_fail_with_one_line(tmp_path, kind):
+def test_bad_paths_fail_with_one_line(tmp_path):
+    """The one true subprocess test of ``diagnose``: exit status and stderr as a shell sees
+    them, for a missing file."""
     path = tmp_path / "nothing.nc"
-    if kind == "not_a_trace":
-        path.write_text("not a netCDF file\n")
     proc = subprocess.run([sys.executable, "-m", "bayesflat.cli", "diagnose", str(path)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bayesflat diagnose: error:")
+    assert str(path) in lines[0]
+    assert not (tmp_path / "diagnostics.json").exists()
+
+
+def test_a_file_that_is_not_a_trace_fails_with_one_line(tmp_path, capsys):
+    path = tmp_path / "nothing.nc"
+    path.write_text("not a netCDF file\n")
+    assert cli.main(["diagnose", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bayesflat diagnose: error:")
     assert str(path) in lines[0]
     assert not (tmp_path / "diagnostics.json").exists()

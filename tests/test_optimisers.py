@@ -714,4 +714,4 @@ def test_cli_run_works_for_every_optimiser(name, tmp_path):
     tr = btrace.load(out / "trace.nc")
     attrs = btrace.trace_attrs(tr)
     assert attrs["sampler"] == name and attrs["temperature"] == 0.0
-    assert btrace.groups(tr)["predictions"]["test"].shape[:2] == (1, 2)
+    assert btrace.groups(tr)["predictions"]["test_logits"].shape[:2] == (1, 2)

@@ -277,6 +277,7 @@ def test_progress_on_a_log_is_a_line_every_ten_percent():
 RUN = [
     sys.executable, "-m", "bayesflat.cli", "run", "--chains", "2", "--burn-in", "40", "--draws",
     "16", "--thin", "4", "--no-report", "--no-progress", "--checkpoint-every", "1",
+    "--replicates", "20",
 ]  # fmt: skip
 
 
@@ -300,8 +301,10 @@ def _every_file_readable(folder: Path) -> None:
 
 
 def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path):
-    straight = _cli(["--output", str(tmp_path / "straight")])
-    assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()
+    from bayesflat import cli
+
+    # The uninterrupted run needs no process of its own; the killed one does.
+    assert cli.main([*RUN[3:], "--output", str(tmp_path / "straight")]) == 0
     folder = tmp_path / "killed"
     rng = np.random.default_rng(2024)
     kills = 0
@@ -336,10 +339,9 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_p
 
 
 def test_cli_resume_refuses_a_different_option(tmp_path):
-    proc = _cli(["--output", str(tmp_path), "--draws", "2"])
-    assert proc.wait(timeout=300) == 0
     from bayesflat import cli
 
+    assert cli.main([*RUN[3:], "--output", str(tmp_path), "--draws", "2"]) == 0
     assert cli.main(["run", "--resume", str(tmp_path), "--lr", "0.5", "--no-progress"]) == 1
 
 
@@ -504,3 +506,54 @@ def test_cli_runs_the_chains_vectorised(tmp_path):
     for name in ga["posterior"].data_vars:
         np.testing.assert_allclose(gb["posterior"][name].values, ga["posterior"][name].values,
                                    rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+# -- what the predictions group stores -------------------------------------------------------------
+
+
+def test_logits_only_traces_give_the_probabilities_of_full_traces():
+    """``store_probabilities=False`` stores ``<set>_logits`` alone; readers take their
+    softmax with the engine's own operation, so ensembles, set lists and convergence
+    functionals equal those of a trace that stored probabilities, bit for bit."""
+    from bayesflat import predictive
+    from bayesflat.diagnostics import functionals
+
+    full = bayesflat.sample(_model(), _toy(), **_kwargs(draws=3, store_logits=True))
+    lean = bayesflat.sample(
+        _model(), _toy(), **_kwargs(draws=3, store_logits=True, store_probabilities=False)
+    )
+    assert set(btrace.get_group(lean, "predictions").data_vars) == {"test_logits", "ood_logits"}
+    assert btrace.trace_attrs(lean)["store_probabilities"] is False
+    assert predictive.eval_sets(lean) == predictive.eval_sets(full) == {"test": True, "ood": False}
+    for name in ("test", "ood"):
+        a, b = predictive.from_trace(full, name), predictive.from_trace(lean, name)
+        assert np.array_equal(a.probs, b.probs) and np.array_equal(a.logits, b.logits)
+    fa, fb = functionals(full), functionals(lean)
+    assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_float16_predictions_round_to_half_precision():
+    """float16 keeps 11 significant bits: a probability in [0, 1] moves by at most half a
+    unit in the last place at 1, 2^-12; a logit z by at most |z| 2^-11, or half the
+    subnormal spacing, 2^-25, near 0."""
+    from bayesflat import predictive
+
+    runs = {
+        dtype: bayesflat.sample(
+            _model(), _toy(), **_kwargs(draws=3, store_logits=True, prediction_dtype=dtype)
+        )
+        for dtype in ("float32", "float16")
+    }
+    group = btrace.get_group(runs["float16"], "predictions")
+    assert {str(group[v].dtype) for v in group.data_vars} == {"float16"}
+    p32, p16 = (predictive.from_trace(runs[d]) for d in ("float32", "float16"))
+    assert np.abs(p16.probs.astype(np.float64) - p32.probs).max() <= 2.0**-12
+    z32 = p32.logits.astype(np.float64)
+    assert np.all(np.abs(p16.logits - z32) <= np.abs(z32) * 2.0**-11 + 2.0**-25)
+
+
+def test_prediction_storage_options_are_checked():
+    with pytest.raises(ValueError, match="store_logits and store_probabilities"):
+        bayesflat.sample(_model(), _toy(), **_kwargs(store_probabilities=False))
+    with pytest.raises(ValueError, match="prediction_dtype"):
+        bayesflat.sample(_model(), _toy(), **_kwargs(prediction_dtype="bfloat16"))

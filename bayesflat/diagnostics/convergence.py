@@ -203,6 +203,7 @@ def functionals(
     n_projections: int = 4,
     seed: int = 0,
     var_names: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Scalar functionals of a trace on which convergence is diagnosed.
 
@@ -229,6 +230,9 @@ def functionals(
         Seed of the input subset and of the projection directions.
     var_names : sequence of str, optional
         Stored weights to project (default: all).
+    attrs : mapping, optional
+        Root attributes of the trace when ``trace`` is a mapping of groups (they say whether
+        ``predictions`` holds logits only, ``store_probabilities=False``).
 
     Returns
     -------
@@ -245,10 +249,18 @@ def functionals(
     preds = grp.get("predictions")
     observed = grp.get("observed_data")
     if preds is not None and observed is not None:
-        for name in preds.data_vars:
+        from bayesflat.predictive import _softmax, _stored_sets
+        from bayesflat.trace import trace_attrs
+
+        if attrs is None:  # a trace has root attributes; a plain mapping of groups has none
+            attrs = trace_attrs(trace) if hasattr(trace, "attrs") else {}
+        for name, (stored, logits) in _stored_sets(preds, attrs).items():
             if name not in observed:
                 continue
-            probs = preds[name].transpose("chain", "draw", f"{name}_id", "class").values
+            dims = ("chain", "draw", preds[stored].dims[2], "class")
+            probs = preds[stored].transpose(*dims).values
+            if stored == logits:
+                probs = _softmax(probs)
             labels = np.asarray(observed[name].values, dtype=int)
             out[f"nll_{name}"] = nll_per_draw(probs, labels)
             rng = np.random.default_rng(seed)

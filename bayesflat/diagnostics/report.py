@@ -280,12 +280,13 @@ def _finite(x: float) -> bool:
 
 
 def _convergence_rows(
-    groups: dict[str, Any], t: dict[str, float], notes: list[str]
+    groups: dict[str, Any], t: dict[str, float], notes: list[str], attrs: dict[str, Any]
 ) -> list[DiagnosticRow]:
     try:
         rows, used = convergence_table(
-            groups, thresholds={"rhat": t["rhat"], "ess_per_chain": t["ess_per_chain"]}
-        )
+            groups, thresholds={"rhat": t["rhat"], "ess_per_chain": t["ess_per_chain"]},
+            attrs=attrs,
+        )  # fmt: skip
     except ValueError as err:
         notes.append(f"no convergence rows: {err}")
         return []
@@ -466,7 +467,9 @@ def diagnose(trace: Any, *, thresholds: Mapping[str, float] | None = None) -> Di
     with warnings.catch_warnings():
         # ArviZ warns on short chains; those rows get "warn" verdicts instead
         warnings.simplefilter("ignore")
-        rows = _convergence_rows(grp, t, notes)
+        from bayesflat.trace import trace_attrs
+
+        rows = _convergence_rows(grp, t, notes, trace_attrs(trace))
         if stats is not None:
             rows += _temperature_rows(stats, run, t, notes)
             rows += _flatness_rows(stats, run, t)

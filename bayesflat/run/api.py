@@ -93,6 +93,8 @@ def sample(
     init: str = DEFAULTS.init,
     store_weights: bool | list[str] = True,
     store_logits: bool = False,
+    store_probabilities: bool = True,
+    prediction_dtype: str = "float32",
     loo_points: int | None = None,
     eval_batch_size: int = 1024,
     output: str | os.PathLike[str] | None = None,
@@ -162,7 +164,16 @@ def sample(
     store_weights : bool or list of str, default True
         Record all floating ``state_dict`` entries, none, or the named ones.
     store_logits : bool, default False
-        Also record logits on each evaluation set (``<set>_logits`` in ``predictions``).
+        Record the logits on each evaluation set (``<set>_logits`` in ``predictions``).
+    store_probabilities : bool, default True
+        Record the class probabilities on each evaluation set (``<set>``). With
+        ``store_logits=True, store_probabilities=False`` only logits are stored, half the
+        space; readers (:func:`bayesflat.predictive.from_trace`, the report) take the
+        softmax of the logits.
+    prediction_dtype : {"float32", "float16"}, default "float32"
+        Storage type of the ``predictions`` group; ``"float16"`` halves it (a stored
+        probability then moves by at most 2.4e-4, a logit ``z`` by ``|z| 2^-11``; see
+        :data:`bayesflat.run.spec.PREDICTION_DTYPES`).
     loo_points : int, optional
         Training points whose pointwise log-likelihood is recorded for PSIS-LOO: all of them
         (default), or a fixed random subset of this size (its indices are in
@@ -239,6 +250,7 @@ def sample(
         thin=thin, batch_size=batch_size, eval_sets=eval_sets, seed=seed, lr=lr,
         temperature=temperature, num_data=num_data, likelihood=likelihood, prior=prior,
         init=init, store_weights=store_weights, store_logits=store_logits,
+        store_probabilities=store_probabilities, prediction_dtype=prediction_dtype,
         loo_points=loo_points, eval_batch_size=eval_batch_size, device=device,
         stats_fns=stats_fns, options=sampler_options,
     )  # fmt: skip
@@ -451,6 +463,8 @@ def make_spec(
     init: str = DEFAULTS.init,
     store_weights: bool | list[str] = True,
     store_logits: bool = False,
+    store_probabilities: bool = True,
+    prediction_dtype: str = "float32",
     loo_points: int | None = None,
     eval_batch_size: int = 1024,
     device: str | None = None,
@@ -508,7 +522,9 @@ def make_spec(
         temperature=temperature, num_data=n_data, chains=chains, burn_in=burn_in, draws=draws,
         thin=thin, batch_size=batch_size, seed=seed, eval_sets=sets,
         eval_batch_size=eval_batch_size, store_weights=as_name_tuple(store_weights),
-        store_logits=store_logits, loo_points=loo_points, stats_fns=dict(stats_fns or {}),
+        store_logits=store_logits, store_probabilities=store_probabilities,
+        prediction_dtype=prediction_dtype, loo_points=loo_points,
+        stats_fns=dict(stats_fns or {}),
         device=check_device(device),
     )  # fmt: skip
     _check_store_weights(spec)
@@ -686,6 +702,9 @@ def _attrs(spec: RunSpec, target: Any) -> dict[str, Any]:
         "seed": spec.seed,
         "planned_steps": planned,
         "eval_sets": [s.name for s in spec.eval_sets],
+        "store_logits": spec.store_logits,
+        "store_probabilities": spec.store_probabilities,
+        "prediction_dtype": spec.prediction_dtype,
         "loo_points": len(spec.loo_indices()),
         "device": spec.device,
     }
@@ -700,6 +719,7 @@ def _meta(spec: RunSpec, static: Static, recipe: Mapping[str, Any] | None, statu
     }  # fmt: skip
     call.update(
         lr=spec.lr, num_data=spec.num_data, store_weights=identity["store_weights"],
+        store_probabilities=spec.store_probabilities, prediction_dtype=spec.prediction_dtype,
         device=spec.device,
     )  # fmt: skip
     if spec.target.kind == "module":
@@ -752,7 +772,8 @@ def _capacity(spec: RunSpec, path: Path | None, *, disk: bool) -> None:
             first = next(iter(spec.eval_sets[0].batches(1, torch.device("cpu"))))
             outputs = int(target.predict(first).shape[-1])
     for s in spec.eval_sets:
-        per_draw += s.size * outputs * 4 * (2 if spec.store_logits else 1)
+        copies = int(spec.store_logits) + int(spec.store_probabilities)
+        per_draw += s.size * outputs * (2 if spec.prediction_dtype == "float16" else 4) * copies
         per_draw += 8 * s.size if s.labels is not None else 0
     per_draw += 8 * len(spec.loo_indices()) + 8 * 32
     total = per_draw * spec.chains * spec.draws

@@ -180,13 +180,16 @@ class _Recorder:
                     chain=chain,
                     step=-1,
                 )
+            dtype = torch.float16 if spec.prediction_dtype == "float16" else torch.float32
             if target.categorical:
-                log_probs = torch.log_softmax(outputs.float(), dim=-1)
-                out["predictions"][s.name] = log_probs.exp().cpu().numpy()
+                if spec.store_probabilities:
+                    probs = torch.log_softmax(outputs.float(), dim=-1).exp()
+                    out["predictions"][s.name] = probs.to(dtype).cpu().numpy()
                 if spec.store_logits:
-                    out["predictions"][f"{s.name}_logits"] = outputs.float().cpu().numpy()
+                    logits = outputs.to(dtype).cpu().numpy()
+                    out["predictions"][f"{s.name}_logits"] = logits
             else:
-                out["predictions"][s.name] = outputs.float().cpu().numpy()
+                out["predictions"][s.name] = outputs.to(dtype).cpu().numpy()
             if s.labels is not None:
                 ll = target.pointwise_log_likelihood(outputs, s.labels.to(outputs.device))
                 out["heldout_log_likelihood"][s.name] = ll.double().cpu().numpy()

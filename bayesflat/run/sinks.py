@@ -99,6 +99,8 @@ class MemorySink:
                 array = store.get(name)
                 if array is None:
                     dtype = np.float64 if group in _FLOAT64_GROUPS else np.float32
+                    if value.dtype == np.float16:  # predictions stored in half precision
+                        dtype = np.float16
                     array = store[name] = np.full(
                         (self.chains, self.draws, *value.shape), np.nan, dtype=dtype
                     )

@@ -31,10 +31,17 @@ __all__ = [
     "ChainSeeds",
     "EvalSet",
     "ModuleTargetSpec",
+    "PREDICTION_DTYPES",
     "RunSpec",
     "chain_seeds",
     "make_sampler",
 ]
+
+PREDICTION_DTYPES = ("float32", "float16")
+"""Storage types of the ``predictions`` group: float16 halves it. It keeps 11 significant bits:
+a stored probability moves by at most 2^-12 = 2.4e-4; a logit ``z`` by ``|z| 2^-11``, so on the
+default digits run, whose logits reach 160, a probability computed from float16 logits moves
+by up to 7e-3 (the BMA test NLL by 8e-7 nats)."""
 
 
 class ChainSeeds(NamedTuple):
@@ -347,6 +354,8 @@ class RunSpec:
     eval_batch_size: int = 1024
     store_weights: bool | tuple[str, ...] = True
     store_logits: bool = False
+    store_probabilities: bool = True
+    prediction_dtype: str = "float32"
     loo_points: int | None = None
     projections: int = 8
     stats_fns: Mapping[str, StatsFn] = field(default_factory=dict)
@@ -367,6 +376,17 @@ class RunSpec:
             if bad:
                 raise ValueError(f"store_weights must be True, False or a list of names, got {bad}")
         check_bool(self.store_logits, "store_logits")
+        check_bool(self.store_probabilities, "store_probabilities")
+        if not (self.store_logits or self.store_probabilities):
+            raise ValueError(
+                "store_logits and store_probabilities are both False: a categorical model's "
+                "predictions would not be stored; set one of them"
+            )
+        if self.prediction_dtype not in PREDICTION_DTYPES:
+            raise ValueError(
+                f"prediction_dtype must be one of {PREDICTION_DTYPES}, got "
+                f"{self.prediction_dtype!r}"
+            )
         if not isinstance(self.stats_fns, Mapping) or not all(
             isinstance(k, str) and k.isidentifier() and callable(f)
             for k, f in self.stats_fns.items()
@@ -419,6 +439,14 @@ class RunSpec:
             if isinstance(self.store_weights, bool)
             else list(self.store_weights),
             "store_logits": self.store_logits,
+            # At their defaults these two are left out, so runs stored before they existed
+            # still resume.
+            **({} if self.store_probabilities else {"store_probabilities": False}),
+            **(
+                {}
+                if self.prediction_dtype == "float32"
+                else {"prediction_dtype": self.prediction_dtype}
+            ),
             "loo_points": self.loo_points,
             "projections": self.projections,
             "stats_fns": sorted(self.stats_fns),

@@ -17,8 +17,10 @@ group                     variables and dimensions
                           ``(chain, draw, ...)``, float64; ``diverging`` bool
 ``predictions``           class probabilities per evaluation set,
                           ``(chain, draw, <set>_id, class)``, float32 (or float16);
-                          ``<set>_logits`` shares ``<set>_id``; draws of a Pyro
-                          model's scalar observed site, ``(chain, draw, <set>_id)``
+                          ``<set>_logits`` shares ``<set>_id``; a run with
+                          ``store_probabilities=False`` (root attribute) stores
+                          ``<set>_logits`` alone, on ``<set>_logits_id``; draws of a
+                          Pyro model's scalar observed site, ``(chain, draw, <set>_id)``
 ``log_likelihood``        pointwise ``log p(y_i | x_i, theta)`` of training points,
                           ``(chain, draw, <var>_id)``, float64 (what ``az.loo`` reads)
 ``heldout_log_likelihood``  the same for labelled evaluation sets, ``(chain, draw,
