@@ -107,9 +107,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=D.seed, help="root seed of every chain")
     p.add_argument("--lr", type=float, default=D.lr, help="step size, mean-loss units")
     p.add_argument(
-        "--temperature", type=float, default=D.temperature,
-        help=f"T (default {D.temperature if D.temperature is not None else 1}; "
-        "0 for optimisers)",
+        "--temperature", type=float, default=None,
+        help=f"T (default {D.temperature} for samplers, 0 for optimisers)",
     )  # fmt: skip
     p.add_argument("--prior-scale", type=float, default=D.prior_scale, help="Gaussian prior std")
     p.add_argument("--sigma", type=float, default=None, help="fSGLD perturbation scale")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["DEFAULTS", "SAMPLE_ARGUMENTS", "RunDefaults", "sample_defaults"]
+__all__ = ["DEFAULTS", "SAMPLE_ARGUMENTS", "RunDefaults", "resolve_temperature", "sample_defaults"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ class RunDefaults:
     lr : float
         Step size in mean-loss units (DESIGN.md, section 1): the update moves ``theta`` by
         ``-lr * grad L_B`` plus noise of variance ``2 lr T / N``.
-    temperature : float or None
-        ``T``; ``None`` is 1 for samplers and 0 for optimisers.
+    temperature : float
+        ``T`` of a sampler given none (an optimiser always runs at ``T = 0``); see
+        :func:`resolve_temperature`.
     prior_scale : float
         Standard deviation ``s`` of the isotropic Gaussian prior ``N(0, s^2 I)`` (weight units;
         weight decay ``1 / (N s^2)`` in mean-loss units).
@@ -55,17 +56,17 @@ class RunDefaults:
         per draw), from which ``T_conf = N <theta . grad L> / d`` is estimated.
     """
 
-    sampler: str = "fsgld"
+    sampler: str = "sgld"
     chains: int = 4
     burn_in: int = 1000
-    draws: int = 100
-    thin: int = 20
+    draws: int = 400
+    thin: int = 25
     batch_size: int = 64
     seed: int = 0
-    lr: float = 0.1
-    temperature: float | None = None
-    prior_scale: float = 1.0
-    init: str = "reset"
+    lr: float = 0.5
+    temperature: float = 0.1
+    prior_scale: float = 0.4
+    init: str = "prior"
     model: str = "mlp"
     val_size: float = 0.1
     configurational_temperature: bool = True
@@ -83,14 +84,38 @@ SAMPLE_ARGUMENTS: dict[str, str] = {
     "batch_size": "batch_size",
     "seed": "seed",
     "lr": "lr",
-    "temperature": "temperature",
     "prior_scale": "prior",
     "init": "init",
 }
-"""Field of :class:`RunDefaults` -> keyword of :func:`bayesflat.sample` it is the default of."""
+"""Field of :class:`RunDefaults` -> keyword of :func:`bayesflat.sample` it is the default of.
+
+``temperature`` is not among them: :func:`bayesflat.sample` takes ``temperature=None`` and
+resolves it with :func:`resolve_temperature`, since an optimiser's is 0 whatever the default.
+"""
 
 
 def sample_defaults(defaults: RunDefaults = DEFAULTS) -> dict[str, Any]:
     """The keywords of :func:`bayesflat.sample` that ``defaults`` sets, by keyword name."""
     values = asdict(defaults)
     return {keyword: values[field] for field, keyword in SAMPLE_ARGUMENTS.items()}
+
+
+def resolve_temperature(temperature: float | None, is_sampler: bool) -> float | None:
+    """The temperature of a run: ``temperature`` if given, else the default of its kind.
+
+    Parameters
+    ----------
+    temperature : float or None
+        ``T`` as given by the user; ``None`` asks for the default.
+    is_sampler : bool
+        Whether the method samples (``True``) or optimises (registry ``is_sampler``).
+
+    Returns
+    -------
+    float
+        ``temperature`` when not ``None``; otherwise ``DEFAULTS.temperature`` for a sampler
+        and ``0`` for an optimiser (its noise-free limit, DESIGN.md section 1).
+    """
+    if temperature is not None:
+        return temperature
+    return DEFAULTS.temperature if is_sampler else 0.0

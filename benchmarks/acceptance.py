@@ -95,7 +95,7 @@ def _sample(job: dict[str, Any]) -> Any:
     import torch
 
     import bayesflat
-    from bayesflat import models
+    from bayesflat import models, samplers
 
     digits, sets = _setup()
     torch.manual_seed(job["seed"])
@@ -111,7 +111,9 @@ def _sample(job: dict[str, Any]) -> Any:
         seed=job["seed"],
         progress=False,
         lr=job["lr"],
+        temperature=1.0 if samplers.entry(job["method"]).is_sampler else 0.0,
         prior=1.0,
+        init="reset",
         store_logits=job["final"],
         **_schedule(job["method"], job["budget"], job.get("steps")),
     )

@@ -102,6 +102,7 @@ def run(
         lr=lr,
         temperature=temperature,
         prior=prior_scale,
+        init="reset",
         sigma=sigma,
         cycles=cycles,
         exploration=1.0 - sample_epochs / cycle_epochs,

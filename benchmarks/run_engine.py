@@ -71,8 +71,8 @@ def _sample(chains: int, quick: bool, **kw: Any) -> float:
     x, y, sets = _digits()
     start = time.perf_counter()
     bayesflat.sample(
-        models.MLP(), (x, y), sampler="fsgld", chains=chains, lr=0.05, eval_sets=sets,
-        progress=False, **_budget(quick), **kw,
+        models.MLP(), (x, y), sampler="fsgld", chains=chains, lr=0.05, temperature=1.0,
+        prior=1.0, init="reset", eval_sets=sets, progress=False, **_budget(quick), **kw,
     )  # fmt: skip
     return time.perf_counter() - start
 

@@ -73,7 +73,7 @@ def test_default_run_prior_only_weights_sit_at_their_stationary_law():
     )  # fmt: skip
     w = groups(trace)["weights"]["1.weight"].transpose("chain", "draw", ...).values
     theta = w[..., dead.numpy()]  # (chain, draw, 128, 4)
-    temperature = 1.0 if DEFAULTS.temperature is None else DEFAULTS.temperature
+    temperature = DEFAULTS.temperature
     s2, n = DEFAULTS.prior_scale**2, len(y)
     a = DEFAULTS.lr / (n * s2)
     v = temperature * s2 / (1 - a / 2)

@@ -10,7 +10,13 @@ import torch
 
 import bayesflat
 from bayesflat import cli, models
-from bayesflat.defaults import DEFAULTS, SAMPLE_ARGUMENTS, RunDefaults, sample_defaults
+from bayesflat.defaults import (
+    DEFAULTS,
+    SAMPLE_ARGUMENTS,
+    RunDefaults,
+    resolve_temperature,
+    sample_defaults,
+)
 from bayesflat.diagnostics import diagnostic_stats
 from bayesflat.run.api import make_spec
 
@@ -22,7 +28,10 @@ def _run_args(*argv):
 def test_cli_parser_defaults_are_the_module_defaults():
     args = _run_args()
     _, _, _, kwargs = cli._run_inputs({k: getattr(args, k) for k in cli._RECIPE_KEYS})
+    assert args.temperature is None  # resolved as bayesflat.sample resolves it
     for field in dataclasses.fields(RunDefaults):
+        if field.name == "temperature":
+            continue
         if hasattr(args, field.name):
             assert getattr(args, field.name) == getattr(DEFAULTS, field.name), field.name
         else:  # not an option: the run leaves it to bayesflat.sample's default
@@ -35,6 +44,16 @@ def test_sample_signature_defaults_are_the_module_defaults(function):
     for keyword, value in sample_defaults().items():
         assert parameters[keyword].default == value, keyword
     assert set(SAMPLE_ARGUMENTS.values()) <= set(parameters)
+    assert parameters["temperature"].default is None
+
+
+def test_temperature_defaults_to_the_module_for_samplers_and_zero_for_optimisers():
+    assert resolve_temperature(None, is_sampler=True) == DEFAULTS.temperature
+    assert resolve_temperature(None, is_sampler=False) == 0.0
+    assert resolve_temperature(1.0, is_sampler=True) == 1.0
+    x, y = torch.randn(40, 64), torch.arange(40) % 10
+    spec = make_spec(models.build_model("mlp", num_classes=10), (x, y), sampler="sgd")
+    assert spec.temperature == 0.0
 
 
 def test_cli_run_passes_nothing_that_overrides_sample_defaults_differently():
@@ -56,8 +75,7 @@ def test_the_default_spec_is_the_default_run():
         DEFAULTS.sampler, DEFAULTS.chains, DEFAULTS.burn_in, DEFAULTS.draws, DEFAULTS.thin,
     )  # fmt: skip
     assert (spec.lr, spec.batch_size, spec.seed) == (DEFAULTS.lr, DEFAULTS.batch_size, 0)
-    expected_t = 1.0 if DEFAULTS.temperature is None else DEFAULTS.temperature
-    assert spec.temperature == expected_t
+    assert spec.temperature == DEFAULTS.temperature
     assert spec.target.config()["prior_scale"] == DEFAULTS.prior_scale
 
 

@@ -479,7 +479,7 @@ def test_planned_steps_with_explicit_total_repeat_the_cycles():
 def test_sample_keeps_draws_only_in_sampling_phases():
     x, y = _data()
     tr = bayesflat.sample(_net(), (x, y), sampler="csgld", chains=2, burn_in=0, draws=8,
-                         thin=3, batch_size=16, progress=False, lr=LR)  # fmt: skip
+                         thin=3, batch_size=16, progress=False, lr=LR, temperature=1.0)  # fmt: skip
     stats = btrace.groups(tr)["sample_stats"]
     steps = stats["step"].values.astype(int)
     # 24 sampling steps over 4 cycles at beta = 0.8: L = 30, sampling j = 24..29.

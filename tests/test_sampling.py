@@ -42,6 +42,9 @@ def _run(**kw):
         progress=False, lr=0.05,
     )  # fmt: skip
     args.update(kw)
+    # the numbers below are for the Bayes posterior, T = 1 (an optimiser runs at T = 0)
+    if "temperature" not in kw and bayesflat.samplers.entry(args["sampler"]).is_sampler:
+        args["temperature"] = 1.0
     model = args.pop("model", _model())
     return bayesflat.sample(model, args.pop("train_data", (x, y)), **args)
 

@@ -75,6 +75,7 @@ for name, lr in (("fsgld", 0.3), ("sgld", 0.1)):
         lr=lr,
         temperature=1.0,
         prior=1.0,  # N(0, 1) on every weight
+        init="reset",  # PyTorch's initialisation (the default starts from a prior draw)
         eval_sets=eval_sets,
         store_logits=True,  # for the energy OOD score of the report
         seed=0,

@@ -306,6 +306,9 @@ trace = bayesflat.sample(
     draws=DRAWS,
     thin=THIN,
     lr=0.05,
+    temperature=1.0,
+    prior=1.0,
+    init="reset",
     alpha=0.1,
     progress=False,
 )

@@ -64,6 +64,8 @@ fsgld = bayesflat.sample(
     burn_in=BURN_IN,
     draws=DRAWS,
     thin=THIN,
+    temperature=1.0,
+    init="reset",
     stats_fns=recorders,
     **common,
 )

@@ -19,7 +19,7 @@ from torch import nn
 from bayesflat import _io
 from bayesflat import samplers as _samplers
 from bayesflat._checks import check_choice, check_int, check_positive, validate_temperature
-from bayesflat.defaults import DEFAULTS
+from bayesflat.defaults import DEFAULTS, resolve_temperature
 from bayesflat.run import distributed as _distributed
 from bayesflat.run.chain import preflight
 from bayesflat.run.checkpoint import ChainState
@@ -86,7 +86,7 @@ def sample(
     seed: int = DEFAULTS.seed,
     progress: bool = True,
     lr: float = DEFAULTS.lr,
-    temperature: float | None = DEFAULTS.temperature,
+    temperature: float | None = None,
     num_data: int | None = None,
     likelihood: str | Likelihood = "categorical",
     prior: Prior | float | None = DEFAULTS.prior_scale,
@@ -118,6 +118,10 @@ def sample(
     average at every kept state, ``"swag"`` ``draws`` draws of its fitted Gaussian after the
     chain's last step.
 
+    The defaults of ``sampler``, ``chains``, ``burn_in``, ``draws``, ``thin``, ``batch_size``,
+    ``seed``, ``lr``, ``temperature``, ``prior`` and ``init`` are those of ``bayesflat run``,
+    :data:`bayesflat.defaults.DEFAULTS` (chosen on the digits MLP, see that module).
+
     Chain ``k`` takes all its randomness (initial weights, minibatch order, sampler noise,
     dropout masks) from ``chain_seeds(seed, k)``, so a run is the same whichever executor runs
     it, and a run continued by :func:`resume` equals one that never stopped.
@@ -136,31 +140,34 @@ def sample(
         Training data. Minibatches of ``batch_size`` are drawn from a fresh permutation every
         epoch (last partial batch dropped); a DataLoader contributes its dataset and collate
         function.
-    sampler : str, default "fsgld"
+    sampler : str
         A name from :func:`bayesflat.samplers.available`.
     chains, burn_in, draws, thin : int
         Number of chains (>= 1), steps discarded first (>= 0), draws kept per chain (>= 1),
         steps between kept draws (>= 1).
-    batch_size : int, default 64
+    batch_size : int
         Minibatch size ``|B|``.
     eval_sets : mapping, optional
         ``name -> inputs`` or ``name -> (inputs, labels)``; inputs a tensor/array or a
         Dataset (evaluated ``eval_batch_size`` at a time). Labels must be integer classes.
-    seed : int, default 0
+    seed : int
         Root seed.
     progress : bool, default True
         Show progress (a bar on a terminal, a line every 10% otherwise).
-    lr : float, default 1e-3
+    lr : float
         Step size in mean-loss units.
     temperature : float, optional
-        ``T``; defaults to 1 for samplers and 0 for optimisers (e.g. ``"sgd"``).
+        ``T``; defaults to ``DEFAULTS.temperature`` for samplers and 0 for optimisers (e.g.
+        ``"sgd"``); see :func:`bayesflat.defaults.resolve_temperature`.
     num_data : int, optional
         ``N``; defaults to the number of training examples.
     likelihood, prior
         See :class:`bayesflat.target.torch.Posterior`.
-    init : {"reset", "model"}, default "reset"
+    init : {"reset", "model", "prior"}
         ``"reset"`` re-initialises every chain independently; ``"model"`` starts every chain
-        from the given weights.
+        from the given weights; ``"prior"`` starts every chain from its own draw of the
+        tempered prior ``N(0, T s_j^2)`` (a Gaussian prior is needed; at ``T = 0`` this is
+        ``"reset"``), where the coordinates the data do not constrain are already stationary.
     store_weights : bool or list of str, default True
         Record all floating ``state_dict`` entries, none, or the named ones.
     store_logits : bool, default False
@@ -243,8 +250,7 @@ def sample(
 
     check_choice(on_divergence, "on_divergence", ON_DIVERGENCE)
     entry = _samplers.entry(sampler)
-    if temperature is None:
-        temperature = 1.0 if entry.is_sampler else 0.0
+    temperature = resolve_temperature(temperature, entry.is_sampler)
     spec = make_spec(
         model, train_data, sampler=sampler, chains=chains, burn_in=burn_in, draws=draws,
         thin=thin, batch_size=batch_size, eval_sets=eval_sets, seed=seed, lr=lr,
@@ -456,7 +462,7 @@ def make_spec(
     eval_sets: Mapping[str, object] | None = None,
     seed: int = DEFAULTS.seed,
     lr: float = DEFAULTS.lr,
-    temperature: float | None = DEFAULTS.temperature,
+    temperature: float | None = None,
     num_data: int | None = None,
     likelihood: str | Likelihood = "categorical",
     prior: Prior | float | None = DEFAULTS.prior_scale,
@@ -476,8 +482,7 @@ def make_spec(
     ``options`` are the sampler's options (``**sampler_options`` of :func:`sample`).
     """
     entry = _samplers.entry(sampler)
-    if temperature is None:
-        temperature = 1.0 if entry.is_sampler else 0.0
+    temperature = resolve_temperature(temperature, entry.is_sampler)
     options = dict(options or {})
     for name, minimum in (("chains", 1), ("burn_in", 0), ("draws", 1), ("thin", 1),
                           ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0)):  # fmt: skip
