@@ -553,14 +553,15 @@ def _target_spec(
     if hasattr(model, "build") and hasattr(model, "config"):
         return model
     if _is_pyro(model) or callable(model):
+        # sample()'s defaults stand for "not given": a Pyro model brings its own
         if not (isinstance(likelihood, str) and likelihood == "categorical") or not (
-            isinstance(prior, int | float) and prior == 1.0
+            isinstance(prior, int | float) and prior == DEFAULTS.prior_scale
         ):
             raise ValueError(
                 "likelihood and prior are for torch modules; a Pyro model's observed sites are "
                 "its likelihood and its latent sites its prior: leave them out"
             )
-        if init != "reset":
+        if init not in ("reset", "prior"):
             raise ValueError(
                 f"init={init!r} is for torch modules; a Pyro model's chains start from draws "
                 "of its prior (PyroTargetSpec(init='uniform') starts them as Pyro's NUTS does)"

@@ -431,8 +431,15 @@ class PyroTarget:
         latent, observed = self.log_joint(inputs, targets)
         return -(latent + observed) / self.num_data
 
-    def closure(self, inputs: Tensor, targets: Tensor) -> Callable[[], Tensor]:
-        """Closure for ``sampler.step``: evaluates :meth:`potential`, back-propagates it."""
+    def closure(
+        self, inputs: Tensor, targets: Tensor, *, value: bool = True
+    ) -> Callable[[], Tensor]:
+        """Closure for ``sampler.step``: evaluates :meth:`potential`, back-propagates it.
+
+        ``value`` is accepted for the target protocol: a Pyro trace yields the latent sites'
+        log densities together with the observed ones, so the whole potential is always
+        returned (there is no separate prior value to skip).
+        """
 
         def closure() -> Tensor:
             loss = self.potential(inputs, targets)
