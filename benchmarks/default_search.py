@@ -123,10 +123,10 @@ miscalibration was not measured). The wall-time criterion is **not met as the co
 the whole `bayesflat run` (weights stored, `theta . grad L` recorded at each of the 1600 draws,
 report with figures) costs 107-118 s of CPU, of which the sampling itself is about 53 s; with
 `--workers 1` (the command's default) that is at least 118 s of wall time, and with
-`--workers 2` on 2 idle cores about 55-60 s at best (an estimate from the CPU time; measured here: 111 s on a machine with a
-load average of 6.6 on 2 cores). No configuration of the search meets every criterion on
-both splits within the time limit; this one meets every convergence criterion, and every
-validation criterion on two seeds."""
+`--workers 2` on 2 idle cores about 55-60 s at best (an estimate from the CPU time;
+measured here: 111 s on a machine with a load average of 6.6 on 2 cores). No
+configuration of the search meets every criterion on both splits within the time limit;
+this one meets every convergence criterion, and every validation criterion on two seeds."""
 """The test-split verdict, written after the final stage (rendered under its numbers)."""
 VAL_OOD_SEED = 1
 
