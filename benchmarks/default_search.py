@@ -36,12 +36,17 @@ under the minibatch noise of ``N mean_B NLL``.
 
 Usage::
 
-    python benchmarks/default_search.py --stage screen    # the candidate table (validation)
-    python benchmarks/default_search.py --stage final --chosen NAME   # test numbers, once
-    python benchmarks/default_search.py --quick           # smoke run, numbers meaningless
+    python benchmarks/default_search.py                      # every candidate (validation)
+    python benchmarks/default_search.py --only NAME          # one candidate (repeatable)
+    python benchmarks/default_search.py --stage final --only NAME   # test numbers, once
+    python benchmarks/default_search.py --quick --out DIR    # smoke run, numbers meaningless
 
-Results go to ``results/default_search.json`` (every row, appended per candidate) and
-``results/default_search.md`` (the table).
+Each candidate costs one to two minutes of CPU (its chains and its SGD baseline); the whole
+grid about 25 minutes, the final stage about 5 (two end-to-end runs of ``bayesflat run``).
+
+Results go to ``results/default_search.json`` (every row, appended per candidate),
+``results/default_search_baseline.json`` (SGD at the former defaults, validation),
+``results/default_search_final.json`` (the final stage) and ``results/default_search.md``.
 """
 
 from __future__ import annotations
