@@ -333,7 +333,8 @@ def test_cli_resume_refuses_a_different_option(tmp_path):
     assert proc.wait(timeout=300) == 0
     from bayesflat import cli
 
-    assert cli.main(["run", "--resume", str(tmp_path), "--lr", "0.5", "--no-progress"]) == 1
+    # any step size but the run's (the default) is a different option
+    assert cli.main(["run", "--resume", str(tmp_path), "--lr", "0.123", "--no-progress"]) == 1
 
 
 # -- torch.distributed -----------------------------------------------------------------------------
