@@ -342,7 +342,8 @@ def test_cli_resume_refuses_a_different_option(tmp_path):
     from bayesflat import cli
 
     assert cli.main([*RUN[3:], "--output", str(tmp_path), "--draws", "2"]) == 0
-    assert cli.main(["run", "--resume", str(tmp_path), "--lr", "0.5", "--no-progress"]) == 1
+    # any step size but the run's (the default) is a different option
+    assert cli.main(["run", "--resume", str(tmp_path), "--lr", "0.123", "--no-progress"]) == 1
 
 
 # -- torch.distributed -----------------------------------------------------------------------------
