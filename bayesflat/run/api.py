@@ -158,7 +158,8 @@ def sample(
         Step size in mean-loss units.
     temperature : float, optional
         ``T``; defaults to ``DEFAULTS.temperature`` for samplers and 0 for optimisers (e.g.
-        ``"sgd"``); see :func:`bayesflat.defaults.resolve_temperature`.
+        ``"sgd"``); see :func:`bayesflat.defaults.resolve_temperature`. For a Pyro model a
+        sampler's default is ``T = 1``, the posterior the model states.
     num_data : int, optional
         ``N``; defaults to the number of training examples.
     likelihood, prior
@@ -250,7 +251,7 @@ def sample(
 
     check_choice(on_divergence, "on_divergence", ON_DIVERGENCE)
     entry = _samplers.entry(sampler)
-    temperature = resolve_temperature(temperature, entry.is_sampler)
+    temperature = _resolve_temperature(temperature, entry.is_sampler, model)
     spec = make_spec(
         model, train_data, sampler=sampler, chains=chains, burn_in=burn_in, draws=draws,
         thin=thin, batch_size=batch_size, eval_sets=eval_sets, seed=seed, lr=lr,
@@ -482,7 +483,7 @@ def make_spec(
     ``options`` are the sampler's options (``**sampler_options`` of :func:`sample`).
     """
     entry = _samplers.entry(sampler)
-    temperature = resolve_temperature(temperature, entry.is_sampler)
+    temperature = _resolve_temperature(temperature, entry.is_sampler, model)
     options = dict(options or {})
     for name, minimum in (("chains", 1), ("burn_in", 0), ("draws", 1), ("thin", 1),
                           ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0)):  # fmt: skip
@@ -573,6 +574,19 @@ def _target_spec(
         f"model must be a torch.nn.Module, a Pyro model or a target spec, got "
         f"{type(model).__name__}"
     )
+
+
+def _resolve_temperature(temperature: Any, is_sampler: bool, model: Any) -> Any:
+    """:func:`resolve_temperature`, except that a Pyro model's default is ``T = 1``.
+
+    The run default (``DEFAULTS.temperature``) belongs to the default network and its prior;
+    a Pyro model states its own prior and likelihood, and sampling anything but the posterior
+    it states would need asking for.
+    """
+    pyro_model = _is_pyro(model) or (callable(model) and not isinstance(model, nn.Module))
+    if temperature is None and is_sampler and pyro_model:
+        return 1.0
+    return resolve_temperature(temperature, is_sampler)
 
 
 def _is_pyro(model: Any) -> bool:
