@@ -157,9 +157,10 @@ def test_run_on_an_npz_file_with_an_ood_set(tmp_path):
     assert "shapes.npz (43 train)" in text  # 20% test, then 10% of the rest for validation
     trace = btrace.load(out / "trace.nc")
     predictions = btrace.get_group(trace, "predictions")
-    assert predictions["test"].shape == (2, 3, 12, 2)
-    assert predictions["val"].shape == (2, 3, 5, 2)
-    assert predictions["ood_noise_set"].shape == (2, 3, 12, 2)
+    # the command line stores logits only
+    assert predictions["test_logits"].shape == (2, 3, 12, 2)
+    assert predictions["val_logits"].shape == (2, 3, 5, 2)
+    assert predictions["ood_noise_set_logits"].shape == (2, 3, 12, 2)
     assert "AUROC ood_noise_set" in text
     assert btrace.trace_attrs(trace)["num_data"] == 43
 
@@ -178,7 +179,7 @@ def test_run_on_cifar_batches_with_resnet18_and_resume(tmp_path):
     assert code == 0, err
     trace = btrace.load(out / "trace.nc")
     assert "weights" not in btrace.groups(trace)
-    assert btrace.get_group(trace, "predictions")["test"].shape == (2, 3, 10, 10)
+    assert btrace.get_group(trace, "predictions")["test_logits"].shape == (2, 3, 10, 10)
     attrs = btrace.trace_attrs(trace)
     assert attrs["model"] == "ResNet18" and attrs["num_data"] == 40
     # The stored recipe rebuilds the same data and model: --resume of a finished run loads it.

@@ -8,6 +8,7 @@ import pytest
 
 from bayesflat import report
 from bayesflat import trace as btrace
+from bayesflat.defaults import DEFAULTS
 from bayesflat.diagnostics import Diagnosis, DiagnosticRow, trace_verdict, verdict
 
 
@@ -135,5 +136,6 @@ def test_cli_run_records_the_configurational_temperature_and_prints_the_verdict(
     stats = btrace.groups(btrace.load(out))["sample_stats"]
     assert {"theta_dot_grad", "theta_dot_grad_dim", "diverging"} <= set(stats.data_vars)
     v = json.loads((out / "metrics.json").read_text())["verdict"]
-    assert v["temperature"]["target"] == 1.0 and math.isfinite(v["temperature"]["configurational"])
+    target = v["temperature"]["target"]
+    assert target == DEFAULTS.temperature and math.isfinite(v["temperature"]["configurational"])
     assert any(r["check"] == "chains" for r in v["reasons"])

@@ -244,7 +244,8 @@ class _DrawDiagnostics:
         else:
             idx = torch.from_numpy(np.sort(rng.choice(n, size=budget.subsample, replace=False)))
             self.curv_x, self.curv_y = self.x[idx], self.y[idx]
-        self.generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        self.base_seed = int(rng.integers(2**62))
+        self.generator = torch.Generator().manual_seed(self.base_seed)
         self._key: tuple[int, int, int] | None = None
         self._values: dict[str, float] = {}
         self._served: set[str] = set()
@@ -257,11 +258,25 @@ class _DrawDiagnostics:
         # model or step, means a new draw (ids alone can be reused by a later chain).
         key = (id(model), id(sampler), int(sampler.param_groups[0]["step"]))
         if key != self._key or name in self._served:
+            self.generator.manual_seed(self._draw_seed(sampler))
             self._values = self._compute(model, sampler)
             self._key = key
             self._served = set()
         self._served.add(name)
         return self._values[name]
+
+    def _draw_seed(self, sampler: Any) -> int:
+        """The seed of one draw's probes: a function of the seed, the chain and the step.
+
+        The chain is told apart by the seed of its sampler's generator (from
+        ``chain_seeds``), so a draw's diagnostics do not depend on which chains ran before
+        it in the process, and a resumed or parallel chain records the same values.
+        """
+        chain = getattr(sampler, "generator", None)
+        chain_seed = int(chain.initial_seed()) if isinstance(chain, torch.Generator) else 0
+        step = int(sampler.param_groups[0]["step"])
+        words = np.random.SeedSequence([self.base_seed, chain_seed, step]).generate_state(2)
+        return (int(words[0]) << 31) ^ int(words[1])
 
     def _compute(self, model: nn.Module, sampler: Any) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -393,7 +408,8 @@ def diagnostic_stats(
         As for :class:`bayesflat.target.torch.Posterior`.
     seed : int
         Seed of the curvature subset and of every probe, Lanczos start and perturbation
-        (fresh at each draw, reproducible for the same seed and run).
+        (fresh at each draw: a function of this seed, the chain's generator seed and the step,
+        so the values do not depend on the executor or on resuming).
 
     Returns
     -------
