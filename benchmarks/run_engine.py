@@ -19,7 +19,8 @@ What is measured
     sequential chain.
 ``memory``
     Peak resident memory (``wait4``'s ``ru_maxrss``) of the whole ``bayesflat run`` process
-    with weights stored, at ``--draws 100`` and ``--draws 2000``, with and without the report.
+    with weights stored, at ``--draws 100`` and ``--draws 2000`` (``--thin 2``), with and
+    without the report's figures (``metrics.json`` is written either way).
 ``writing``
     Time spent in the folder sink (publishing draw files, assembling ``trace.nc``) as a
     fraction of the rest of the run, from timers around the sink's methods.
@@ -164,7 +165,8 @@ def memory(quick: bool) -> dict[str, Any]:
     for label, extra in labels[:1] if quick else labels:
         peaks = {}
         for draws in (small, large):
-            args = ["--draws", str(draws), *extra]
+            # thin 2 and a short burn-in: the memory question is about draws kept, not steps
+            args = ["--draws", str(draws), "--thin", "2", "--burn-in", "100", *extra]
             if quick:
                 args += ["--burn-in", "10", "--chains", "2"]
             peaks[draws] = _peak_rss(args)
