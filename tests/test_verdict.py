@@ -59,6 +59,19 @@ def test_fewer_than_four_chains_is_flagged():
     assert "2 chains" in v.reasons[0].message
 
 
+def test_isolated_diverging_draws_warn_and_a_chain_that_stays_diverged_fails():
+    diverging = np.zeros((4, 100), bool)
+    diverging[1, [10, 50]] = True  # two excursions the chain recovered from: 2% of its draws
+    v = verdict(_diagnosis([("lp", 1.001, 900.0)]), diverging=diverging)
+    assert v.status == "warn" and v.reasons[0].check == "divergence"
+    assert v.numbers["divergent_chains"] == [1]
+    diverging[1, 20:26] = True  # 8 of 100 draws: above the 5% rule
+    assert verdict(_diagnosis([("lp", 1.001, 900.0)]), diverging=diverging).status == "fail"
+    diverging[1] = False
+    diverging[3, -1] = True  # ends diverged
+    assert verdict(_diagnosis([("lp", 1.001, 900.0)]), diverging=diverging).status == "fail"
+
+
 def test_divergent_chains_fail_and_are_named():
     diverging = np.zeros((4, 100), bool)
     diverging[2, 60:] = True

@@ -8,7 +8,9 @@ and the per-draw ``diverging`` flags of ``sample_stats`` into ``"pass"``, ``"war
 =====================================================  =======  ===========================
 check                                                  level    default threshold
 =====================================================  =======  ===========================
-any chain with a diverging draw                        fail     ``sample_stats.diverging``
+a chain that ends diverged, or diverges often           fail     last draw, or more than
+                                                                ``diverging_fail`` of draws
+a chain with isolated diverging draws it recovers from  warn     ``sample_stats.diverging``
 R-hat of a predictive functional above ``rhat_fail``   fail     1.1
 R-hat of a predictive functional above ``rhat_warn``   warn     1.01
 bulk ESS of a predictive functional too low            warn     100 per chain
@@ -23,6 +25,11 @@ evaluation sets (``nll_<set>``, ``p_true_<set>_<i>``): the headline numbers are 
 the predictions, so these decide whether they have converged. Random projections of the
 weights (``proj_<j>``) can differ between chains that sit in equivalent modes (hidden units
 permuted) while every prediction agrees, so they warn but never fail.
+
+A chain that ends in a diverging state, or spends more than 5% of its draws there, has left
+the posterior: its draws bias every average. A chain with a few isolated diverging draws (a
+step-size excursion it recovers from, as Stan's divergent transitions) is reported per chain
+and warns; ``bayesflat.sample(..., on_divergence="exclude")`` drops such chains.
 
 R-hat 1.01 and ESS 100 per chain are Vehtari et al. (2021); R-hat above 1.1 is the older
 Gelman-Rubin rule of a clear failure. With fewer than four chains R-hat has too little
@@ -46,6 +53,7 @@ VERDICT_THRESHOLDS: dict[str, float] = {
     "rhat_fail": 1.1,
     "ess_per_chain": 100.0,
     "min_chains": 4,
+    "diverging_fail": 0.05,
 }
 """Thresholds of :func:`verdict` (see the module docstring)."""
 
@@ -171,11 +179,27 @@ def verdict(
         numbers["diverging_per_chain"] = [int(n) for n in per_chain]
         numbers["divergent_chains"] = bad
         if bad:
+            flat = flags.reshape(flags.shape[0], -1)
+            limit = t["diverging_fail"] * flat.shape[1]
+            lost = [c for c in bad if flat[c, -1] or per_chain[c] > limit]
             detail = ", ".join(f"chain {c}: {int(per_chain[c])}" for c in bad)
-            reasons.append(Reason("fail", "divergence",
-                                  f"{len(bad)} of {flags.shape[0]} chains have diverging "
-                                  f"draws ({detail}): non-finite potential, weights beyond 10 "
-                                  "prior stds, or training predictions at chance"))  # fmt: skip
+            what = (
+                f"{len(bad)} of {flags.shape[0]} chains have diverging draws ({detail}): "
+                "non-finite potential, weights beyond 10 prior stds, or training predictions "
+                "at chance"
+            )
+            if lost:
+                reasons.append(Reason(
+                    "fail", "divergence",
+                    f"{what}; chain(s) {', '.join(map(str, lost))} end diverged or diverge in "
+                    f"more than {t['diverging_fail']:.0%} of their draws",
+                ))  # fmt: skip
+            else:
+                reasons.append(Reason(
+                    "warn", "divergence",
+                    f"{what}; isolated excursions the chains recovered from (lower lr to avoid "
+                    "them, or on_divergence='exclude')",
+                ))  # fmt: skip
     else:
         numbers["diverging_per_chain"] = None
         numbers["divergent_chains"] = []
