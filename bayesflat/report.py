@@ -534,7 +534,8 @@ def _predictive_density(trace: Any) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             try:
                 loo = az.loo(trace)
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, IndexError, FloatingPointError):
+                # too few draws for PSIS (ArviZ 1.x raises IndexError there): no elpd_loo
                 loo = None
         if loo is not None:
             elpd = float(getattr(loo, "elpd_loo", getattr(loo, "elpd", math.nan)))
