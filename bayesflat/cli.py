@@ -794,6 +794,26 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _one_line_warning(name: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints bayesflat's own warnings as one line each.
+
+    The package's warnings (``ScaleWarning``, ``DivergenceWarning``, ...) are addressed to
+    the user of the command, not to the code that called ``warnings.warn``; other packages'
+    warnings keep Python's format.
+    """
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, *rest: Any) -> None:
+        if category.__module__.split(".")[0] == "bayesflat":
+            print(f"{name}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, *rest)
+
+    return show
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the command with ``--quiet`` / ``--json`` applied to what it prints."""
     import contextlib
@@ -801,7 +821,11 @@ def _run(args: argparse.Namespace) -> int:
     import json
 
     if not (args.quiet or args.json):
-        return int(args.func(args))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(f"bayesflat {args.command}")
+            return int(args.func(args))
     if hasattr(args, "no_progress"):
         args.no_progress = True
     import logging

@@ -199,3 +199,14 @@ def test_run_on_cifar_batches_with_resnet18_and_resume(tmp_path):
 def test_bad_data_options_are_one_line_errors(tmp_path, argv, expected):
     code, _, err = _main(["run", *argv, "--output", str(tmp_path / "run"), *TINY])
     assert code == 1 and err.count("\n") == 1 and expected in err, err
+
+
+def test_package_warnings_print_as_one_line_each(tmp_path):
+    # fSGLD at T = 1 with a prior of std 0.05: the coupled sigma (0.139) is above it
+    argv = ["run", "--sampler", "fsgld", "--temperature", "1", "--prior-scale", "0.05",
+            "--lr", "0.01", "--output", str(tmp_path / "run"), "--no-report", *TINY]  # fmt: skip
+    code, _, err = _main(argv)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "ScaleWarning" in line or "sigma =" in line]
+    assert lines and all(line.startswith("bayesflat run: warning: sigma = ") for line in lines)
+    assert "warnings.warn" not in err and ".py:" not in err
