@@ -591,9 +591,7 @@ def _loop(
             # The potential's value (the prior's norms included) is computed only where it is
             # read: at kept draws and progress reports; other steps return the likelihood part,
             # enough to stop on a non-finite step.
-            read = (step + 1) % report_every == 0 or (
-                step + 1 > spec.burn_in and (collected + 1) % spec.thin == 0
-            )
+            read = reads_potential(step, collected, spec, report_every)
             closure = target.closure(*next(stream), value=read)
             if wrap_closure is not None:
                 closure = wrap_closure(closure, params)
@@ -656,3 +654,15 @@ def _loop(
 
 
 _FLUSH_BYTES = 64 * 2**20
+
+
+def reads_potential(step: int, collected: int, spec: RunSpec, report_every: int) -> bool:
+    """Whether step ``step`` (0-based) needs the potential's full value.
+
+    It does at progress reports (every ``report_every`` steps) and at the steps whose state
+    becomes a kept draw; elsewhere the closure returns the likelihood part only, which is
+    enough to stop on a non-finite step. ``collected`` counts the sampling-phase steps so far.
+    """
+    return (step + 1) % report_every == 0 or (
+        step + 1 > spec.burn_in and (collected + 1) % spec.thin == 0
+    )

@@ -43,11 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from bayesflat.run.chain import (
+    _FLUSH_BYTES,
     ChainFailure,
     _loo_data,
     _Recorder,
     _rng_devices,
     projection_directions,
+    reads_potential,
 )
 from bayesflat.run.checkpoint import ChainState, snapshot
 from bayesflat.run.spec import RunSpec, chain_seeds, make_sampler
@@ -506,7 +508,7 @@ def _lockstep(
         since = time.monotonic()
 
     def due() -> bool:
-        if sum(sink.pending_bytes(c.index) for c in live) > 64 * 2**20:
+        if sum(sink.pending_bytes(c.index) for c in live) > _FLUSH_BYTES:
             return True
         if checkpoint_every:
             return kept % checkpoint_every == 0
@@ -514,9 +516,7 @@ def _lockstep(
 
     try:
         while points < spec.draws:
-            read = (step + 1) % report_every == 0 or (
-                step + 1 > spec.burn_in and (collected + 1) % spec.thin == 0
-            )
+            read = reads_potential(step, collected, spec, report_every)
             x, y = _minibatches(live)
             loss = shared.step(batched.closure(x, y, value=read)).double().cpu()
             step += 1
