@@ -585,7 +585,8 @@ def _loo(trace: Any, train: Any) -> dict[str, Any] | None:
 
     PSIS-LOO treats each point on its own, so ``elpd_loo`` and ``p_loo`` are sums over the
     points and the standard error is :math:`\sqrt{n \operatorname{var}_i(\mathrm{elpd}_i)}`
-    of the pointwise values, as ``az.loo`` computes it on all points at once.
+    of the pointwise values (their variance with the installed ArviZ's ``ddof``), as ``az.loo``
+    computes it on all points at once.
     """
     import arviz as az
 
@@ -614,7 +615,8 @@ def _loo(trace: Any, train: Any) -> dict[str, Any] | None:
     elpd = float(elpd_points.sum())
     return {
         "value": elpd,
-        "se": float(math.sqrt(n * np.var(elpd_points))),
+        # ArviZ 0.x takes the variance of the pointwise values with ddof 0, ArviZ 1.x with 1
+        "se": float(math.sqrt(n * np.var(elpd_points, ddof=int(_trace.build.arviz_major() >= 1)))),
         "p_loo": p_loo,
         "n": n,
         "per_point": elpd / n,
