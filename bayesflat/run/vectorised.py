@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from bayesflat.run.chain import (
     _FLUSH_BYTES,
     ChainFailure,
+    Computed,
     _loo_data,
     _Recorder,
     _rng_devices,
@@ -63,7 +64,7 @@ from bayesflat.samplers.base import (
 )
 from bayesflat.samplers.langevin import LangevinDynamics
 from bayesflat.samplers.perturbation import PerturbedGradient
-from bayesflat.target.torch import FlatPrior, GaussianPrior
+from bayesflat.target.torch import CategoricalLikelihood, FlatPrior, GaussianPrior
 
 __all__ = ["StackedBuffer", "check_vectorisable", "run_vectorised"]
 
@@ -196,37 +197,146 @@ def _linear_stack(module: nn.Module) -> list[nn.Module] | None:
 
 
 class _BatchedForward:
-    """``f(stacked params, X) -> outputs (K, |B|, ...)`` for the chains' module."""
+    """``f(stacked params, X) -> outputs (K, |B|, ...)`` for the chains' module.
+
+    For a stack of ``Linear`` layers and element-wise activations (the fast path) the
+    activations are kept feature-major, ``(K, features, |B|)``: a layer is one
+    ``baddbmm(b, W, h)`` with ``W`` the ``(K, out, in)`` weights as they are stored, and its
+    gradients are two batched products written straight into the gradient buffer (no autograd
+    graph). The categorical likelihood then normalises over the class dimension of
+    ``(K, C, |B|)``, which is contiguous along the examples (``log_softmax`` over a last
+    dimension of ten classes is several times slower). Other modules run through
+    ``torch.func.vmap`` over ``functional_call`` and autograd.
+    """
 
     def __init__(self, module: nn.Module, names: list[str]) -> None:
         self.module = module
         self.names = names
         self.layers = _linear_stack(module)
         self.prefix = {id(layer): name for name, layer in module.named_children()}
+        linear = [i for i, layer in enumerate(self.layers or []) if isinstance(layer, nn.Linear)]
+        self.first = linear[0] if linear else None
+        self.flattens = self.first is not None and any(
+            isinstance(layer, nn.Flatten) for layer in (self.layers or [])[: self.first]
+        )
+
+    def fast(self, x: Tensor, shared: bool) -> bool:
+        """Whether the feature-major path runs inputs ``x`` (per chain, or ``shared``)."""
+        return self.first is not None and (self.flattens or x.dim() == (2 if shared else 3))
 
     def __call__(self, stacked: dict[str, Tensor], x: Tensor) -> Tensor:
-        if self.layers is None:
+        """Outputs ``(K, |B|, ...)`` of every chain on its own inputs ``x`` ``(K, |B|, ...)``."""
+        if self.fast(x, shared=False):
+            with torch.no_grad():
+                out, _ = self._forward(stacked, x.reshape(x.shape[0], x.shape[1], -1).mT)
+            return out.mT
+        from torch.func import functional_call, vmap
+
+        def one(params: dict[str, Tensor], xb: Tensor) -> Tensor:
+            return functional_call(self.module, params, (xb,))
+
+        return vmap(one)(stacked, x)
+
+    def predict(self, stacked: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Outputs ``(K, n, ...)`` of every chain on the same inputs ``x`` ``(n, ...)``."""
+        with torch.no_grad():
+            if self.fast(x, shared=True):
+                chains = next(iter(stacked.values())).shape[0]
+                h = x.reshape(x.shape[0], -1).T.expand(chains, -1, -1)
+                return self._forward(stacked, h)[0].mT
             from torch.func import functional_call, vmap
 
-            def one(params: dict[str, Tensor], xb: Tensor) -> Tensor:
-                return functional_call(self.module, params, (xb,))
+            def one(params: dict[str, Tensor]) -> Tensor:
+                return functional_call(self.module, params, (x,))
 
-            return vmap(one)(stacked, x)
-        h = x
-        for layer in self.layers:
-            if isinstance(layer, nn.Flatten):
-                h = h.reshape(h.shape[0], h.shape[1], -1)
-            elif isinstance(layer, nn.Linear):
+            return vmap(one)(stacked)
+
+    def _forward(self, stacked: dict[str, Tensor], h: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Feature-major outputs ``(K, C, n)`` from inputs ``h`` ``(K, in, n)``, and the input
+        of every layer from the first ``Linear`` on (what the backward pass reads)."""
+        assert self.layers is not None and self.first is not None
+        for layer in self.layers[: self.first]:
+            if not isinstance(layer, nn.Flatten):
+                h = layer(h.clone() if getattr(layer, "inplace", False) else h)
+        inputs = []
+        for layer in self.layers[self.first :]:
+            inputs.append(h)
+            if isinstance(layer, nn.Linear):
                 name = self.prefix[id(layer)]
-                weight = stacked[f"{name}.weight"].transpose(1, 2)
-                bias = stacked.get(f"{name}.bias")
-                if bias is None:
-                    h = torch.bmm(h, weight)
-                else:
-                    h = torch.baddbmm(bias[:, None], h, weight)
+                weight, bias = stacked[f"{name}.weight"], stacked.get(f"{name}.bias")
+                h = (
+                    torch.bmm(weight, h)
+                    if bias is None
+                    else torch.baddbmm(bias[..., None], weight, h)
+                )
+            elif isinstance(layer, nn.Flatten):
+                continue
+            elif isinstance(layer, nn.ReLU):
+                # in place: h is this pass's own tensor, and ReLU's backward reads the sign
+                # of its output as well as of its input
+                h = torch.relu_(h)
             else:
-                h = layer(h)
-        return h
+                h = layer(h.clone() if getattr(layer, "inplace", False) else h)
+        return h, inputs
+
+    def value_and_grad_(
+        self,
+        stacked: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        likelihood: Any,
+        accumulate: bool,
+    ) -> Tensor:
+        """Each chain's mean minibatch NLL ``(K,)``; its gradient is written (``accumulate``:
+        added) into ``grads``, tensors shaped like ``stacked``. Fast path only."""
+        with torch.no_grad():
+            out, inputs = self._forward(stacked, x.reshape(x.shape[0], x.shape[1], -1).mT)
+            nll, g = _nll_and_grad(likelihood, out, y)
+            beta = 1.0 if accumulate else 0.0
+            assert self.layers is not None
+            layers = self.layers[self.first :]
+            for i in range(len(layers) - 1, -1, -1):
+                layer, h = layers[i], inputs[i]
+                if isinstance(layer, nn.Linear):
+                    name = self.prefix[id(layer)]
+                    grads[f"{name}.weight"].baddbmm_(g, h.mT, beta=beta)
+                    if layer.bias is not None:
+                        if accumulate:
+                            grads[f"{name}.bias"].add_(g.sum(dim=2))
+                        else:
+                            grads[f"{name}.bias"].copy_(g.sum(dim=2))
+                    if i > 0:
+                        g = torch.bmm(stacked[f"{name}.weight"].mT, g)
+                elif isinstance(layer, nn.ReLU):
+                    g = torch.ops.aten.threshold_backward(g, h, 0)
+                elif not isinstance(layer, nn.Flatten):
+                    with torch.enable_grad():
+                        z = h.detach().requires_grad_(True)
+                        (g,) = torch.autograd.grad(layer(z.clone()), z, g)
+        return nll
+
+
+def _nll_and_grad(likelihood: Any, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean NLL per chain ``(K,)`` of feature-major outputs ``out`` ``(K, C, |B|)`` against
+    ``y`` ``(K, |B|, ...)``, and its gradient with respect to ``out``.
+
+    For integer class labels the categorical gradient is the closed form
+    ``(softmax(f) - onehot(y)) / |B|``; other likelihoods go through autograd.
+    """
+    chains, batch = out.shape[0], out.shape[-1]
+    if isinstance(likelihood, CategoricalLikelihood) and not y.is_floating_point():
+        index = y.reshape(chains, 1, batch)
+        log_p = torch.log_softmax(out, dim=1)
+        nll = log_p.gather(1, index).view(chains, batch).mean(dim=1).neg_()
+        grad = log_p.exp_()
+        grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
+        return nll, grad.div_(batch)
+    with torch.enable_grad():
+        f = out.mT.detach().requires_grad_(True)
+        nll = likelihood.nll(f.flatten(0, 1), y.flatten(0, 1)).view(chains, batch).mean(dim=1)
+        (grad,) = torch.autograd.grad(nll.sum(), f)
+    return nll.detach(), grad.mT
 
 
 class _BatchedTarget:
@@ -256,6 +366,7 @@ class _BatchedTarget:
             if all(row[name].grad is not None for row in rows):
                 p.grad = torch.stack([row[name].grad for row in rows])
         self.forward = _BatchedForward(target.module, list(first))
+        self.grad_views = self.views(torch.zeros_like(self.flat))
         self.by_precision: dict[float, list[Tensor]] = {}
         self.segments: list[tuple[int, int, float]] = []
         if isinstance(self.prior, GaussianPrior):
@@ -284,14 +395,25 @@ class _BatchedTarget:
         computed only at the steps where the potential is read.
         """
         chains, batch = x.shape[0], x.shape[1]
+        fast = self.forward.fast(x, shared=False)
 
         def closure() -> Tensor:
-            out = self.forward(self.params, x)
-            nll = self.likelihood.nll(out.flatten(0, 1), y.flatten(0, 1)).view(chains, batch)
-            nll = nll.mean(dim=1)
-            nll.sum().backward()
+            if fast:
+                params = self.params
+                accumulate = all(p.grad is not None for p in params.values())
+                if not accumulate:
+                    for name, p in params.items():
+                        p.grad = self.grad_views[name]
+                grads = {name: p.grad for name, p in params.items()}
+                nll = self.forward.value_and_grad_(params, grads, x, y, self.likelihood, accumulate)
+            else:
+                out = self.forward(self.params, x)
+                nll = self.likelihood.nll(out.flatten(0, 1), y.flatten(0, 1)).view(chains, batch)
+                nll = nll.mean(dim=1)
+                nll.sum().backward()
+                nll = nll.detach()
             prior = self._prior_(value)
-            return nll.detach() if prior is None else nll.detach() + prior / self.num_data
+            return nll if prior is None else nll + prior / self.num_data
 
         return closure
 
@@ -453,6 +575,67 @@ class _Stopped(Exception):
     pass
 
 
+class _Evaluation:
+    """What every chain's kept draw evaluates, as batched computations over the chains.
+
+    The outputs on the evaluation sets and on the ``log_likelihood`` training points come from
+    one batched forward per ``eval_batch_size`` examples (:meth:`_BatchedForward.predict`); the
+    weight norms and random projections from the stacked weights (one matrix product for the
+    projections). They equal what each chain's :class:`~bayesflat.run.chain._Recorder`
+    computes on its own module, to float rounding.
+    """
+
+    def __init__(self, spec: RunSpec, batched: _BatchedTarget, chain: _Chain) -> None:
+        self.spec = spec
+        self.batched = batched
+        self.loo_x = chain.recorder.loo_x
+        directions = chain.recorder.directions
+        self.directions = (
+            None if directions is None
+            else torch.stack([torch.cat([d.reshape(-1) for d in ds]) for ds in directions], dim=1)
+        )  # fmt: skip
+
+    def __call__(self) -> list[Computed]:
+        """One :class:`Computed` per chain, in row order."""
+        spec, batched = self.spec, self.batched
+        size = spec.eval_batch_size
+        device = batched.flat.device
+        outputs = {
+            s.name: torch.cat(
+                [batched.forward.predict(batched.params, xb) for xb in s.batches(size, device)],
+                dim=1,
+            )
+            for s in spec.eval_sets
+        }
+        train = None
+        if self.loo_x is not None:
+            chunks = [self.loo_x[a : a + size] for a in range(0, len(self.loo_x), size)]
+            train = torch.cat([batched.forward.predict(batched.params, xb) for xb in chunks], 1)
+        with torch.no_grad():
+            flat = batched.flat
+            norms = torch.stack(
+                [torch.linalg.vector_norm(flat[:, a:b], dim=1) for _, a, b, _ in batched.layout],
+                dim=1,
+            )
+            norms_host = norms.float().cpu().numpy()
+            projections = None
+            if self.directions is not None:
+                projections = (flat @ self.directions).double().cpu().numpy()
+        out = []
+        for k in range(flat.shape[0]):
+            functionals = {"weight_norm": norms_host[k]}
+            if projections is not None:
+                functionals["projection"] = projections[k]
+            out.append(
+                Computed(
+                    outputs={name: o[k] for name, o in outputs.items()},
+                    train_outputs=None if train is None else train[k],
+                    functionals=functionals,
+                )
+            )
+        return out
+
+
 def _minibatches(live: list[_Chain]) -> tuple[Tensor, Tensor]:
     """Every chain's next minibatch, stacked ``(K, |B|, ...)``; one gather for tensor data."""
     first = live[0].stream
@@ -495,6 +678,7 @@ def _lockstep(
     planned = live[0].sampler.planned_steps(spec.burn_in, spec.draws, spec.thin)
     report_every = max(1, planned // 100)
     since = time.monotonic()
+    evaluate = _Evaluation(spec, batched, live[0])
     for chain in live:
         sink.begin(chain.index, kept)
         chain.module.train()
@@ -535,9 +719,12 @@ def _lockstep(
                 collected += 1
                 if collected % spec.thin == 0:
                     points += 1
+                    computed = evaluate()
                     for row, chain in enumerate(live):
                         chain.pull(batched, row, shared, loss)
-                        record = chain.recorder.record(step - 1, {}, chain.index, kept)
+                        record = chain.recorder.record(
+                            step - 1, {}, chain.index, kept, computed[row]
+                        )
                         sink.write(chain.index, kept, record)
                     kept += 1
                     for row, chain in enumerate(live):
