@@ -302,10 +302,13 @@ class _BatchedForward:
                     name = self.prefix[id(layer)]
                     grads[f"{name}.weight"].baddbmm_(g, h.mT, beta=beta)
                     if layer.bias is not None:
+                        gb = grads[f"{name}.bias"]
                         if accumulate:
-                            grads[f"{name}.bias"].add_(g.sum(dim=2))
+                            gb.add_(g.sum(dim=2))
+                        elif gb.is_contiguous():
+                            torch.sum(g, dim=2, out=gb)
                         else:
-                            grads[f"{name}.bias"].copy_(g.sum(dim=2))
+                            gb.copy_(g.sum(dim=2))
                     if i > 0:
                         g = torch.bmm(stacked[f"{name}.weight"].mT, g)
                 elif isinstance(layer, nn.ReLU):
@@ -366,7 +369,8 @@ class _BatchedTarget:
             if all(row[name].grad is not None for row in rows):
                 p.grad = torch.stack([row[name].grad for row in rows])
         self.forward = _BatchedForward(target.module, list(first))
-        self.grad_views = self.views(torch.zeros_like(self.flat))
+        # one contiguous (K, *shape) tensor per parameter: batched products write into it
+        self.grad_views = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.by_precision: dict[float, list[Tensor]] = {}
         self.segments: list[tuple[int, int, float]] = []
         if isinstance(self.prior, GaussianPrior):
@@ -436,7 +440,8 @@ class _BatchedTarget:
                     return None
                 total = None
                 for a, b, precision in self.segments:
-                    value = flat[:, a:b].square().sum(dim=1).mul_(0.5 * precision)
+                    value = torch.linalg.vector_norm(flat[:, a:b], dim=1).square_()
+                    value = value.mul_(0.5 * precision)
                     total = value if total is None else total.add_(value)
             assert total is not None
             return total
@@ -641,7 +646,9 @@ def _minibatches(live: list[_Chain]) -> tuple[Tensor, Tensor]:
     first = live[0].stream
     if first.data.is_tensors:
         idx = torch.stack([c.stream.next_indices() for c in live]).to(first.device)
-        return first._x[idx], first._y[idx]
+        flat = idx.view(-1)
+        x, y = first._x.index_select(0, flat), first._y.index_select(0, flat)
+        return x.view(*idx.shape, *x.shape[1:]), y.view(*idx.shape, *y.shape[1:])
     batches = [next(c.stream) for c in live]
     return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
 
@@ -704,9 +711,8 @@ def _lockstep(
             x, y = _minibatches(live)
             loss = shared.step(batched.closure(x, y, value=read)).double().cpu()
             step += 1
-            bad = (~torch.isfinite(loss)).nonzero()
-            if len(bad):
-                k = int(bad[0])
+            if not bool(torch.isfinite(loss).all()):
+                k = int((~torch.isfinite(loss)).nonzero()[0])
                 raise ChainFailure(
                     f"non-finite potential {float(loss[k])} at chain {live[k].index}, "
                     f"step {step - 1}",
