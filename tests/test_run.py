@@ -461,6 +461,12 @@ def _relu_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
+def _frozen_bias_net() -> nn.Module:
+    net = _relu_net()
+    net[1].bias.requires_grad_(False)
+    return net
+
+
 @pytest.mark.parametrize(
     "net, kw",
     [(_relu_net, {}), (_relu_net, {"likelihood": "gaussian"}),
@@ -550,6 +556,12 @@ def test_vectorised_refuses_samplers_whose_update_couples_a_chain(sampler):
     x, y = _toy()
     with pytest.raises(ValueError, match="executor='vectorised'.*processes"):
         bayesflat.sample(_model(), (x, y), executor="vectorised", **_kwargs(sampler=sampler))
+
+
+def test_vectorised_refuses_frozen_parameters():
+    x, y = _toy()
+    with pytest.raises(ValueError, match="'1.bias' has requires_grad=False.*processes"):
+        bayesflat.sample(_frozen_bias_net(), (x, y), executor="vectorised", **_kwargs())
 
 
 def test_vectorised_refuses_dropout():

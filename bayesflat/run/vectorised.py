@@ -18,18 +18,32 @@ products round differently from one chain's):
 What a chain records, checkpoints and reports goes through the same per-chain objects as the
 sequential executor (a module, a sampler holding the chain's generator, a stream, a recorder):
 at each kept draw the chain's row is copied into them. A checkpoint of a vectorised chain is
-therefore a checkpoint of a sequential one and may be resumed by any executor.
+therefore a checkpoint of a sequential one and may be resumed by any executor. What a kept
+draw evaluates is computed for all chains at once and handed to each chain's recorder: the
+outputs on the evaluation sets and on the ``log_likelihood`` training points (one batched
+forward per ``eval_batch_size`` examples, so ``K`` times the memory of one chain's), the
+weight norms and the random projections (one matrix product).
 
-The forward pass is a stack of batched matrix products (``baddbmm``) for networks made of
-``Linear`` layers, ``Flatten`` and element-wise activations (such as
-:class:`bayesflat.models.MLP`), and ``torch.func.vmap`` over ``functional_call`` otherwise.
+For networks made of ``Linear`` layers, ``Flatten`` and element-wise activations (such as
+:class:`bayesflat.models.MLP`) the forward pass is a stack of batched matrix products
+(``baddbmm``) and the backward pass is written out: for a layer ``z = W h + b`` with upstream
+gradient ``g = dL/dz`` (all ``(K, ., |B|)``), ``dL/dW = g h^T``, ``dL/db = sum_B g`` and
+``dL/dh = W^T g``, each one batched product written into the chain-stacked gradient; ReLU
+masks ``g`` with the sign of its output, other activations go through autograd, and the
+categorical likelihood's gradient is ``(softmax(f) - onehot(y)) / |B|``. Other networks run
+through ``torch.func.vmap`` over ``functional_call`` and autograd.
+
+Cost: the ``K`` chains do ``K`` times one chain's arithmetic; what batching removes is the
+per-operation overhead. On the digits MLP (fSGLD, one thread) the Langevin and perturbation
+noise, drawn row by row from each chain's generator, costs ``K`` times one chain's draws and
+is the largest single part; see ``benchmarks/run_engine.py``.
 
 Samplers whose update is element-wise are vectorised: a plain or perturbed gradient (Gaussian
 or Rademacher, several draws, antithetic pairs, clean-weight mixing) followed by Langevin
 dynamics (sgld, sgd, fsgld, rwp, nso ...). Those whose state or norms couple the weights of a
 chain (SAM's gradient norm, filter-normalised perturbations, preconditioners, momenta,
 trajectory averages) are refused with a message pointing to ``executor="processes"``; so are
-networks with BatchNorm running statistics or active dropout.
+networks with BatchNorm running statistics, active dropout or frozen parameters.
 """
 
 from __future__ import annotations
@@ -148,6 +162,13 @@ def check_vectorisable(spec: RunSpec) -> None:
                 f"executor='vectorised' cannot reproduce each chain's dropout masks (module "
                 f"{name!r}): {_FALLBACK}"
             )
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"executor='vectorised' needs every parameter trainable (the sequential chains draw "
+            f"noise for frozen ones too, and each chain's frozen values would have to be kept); "
+            f"{frozen[0]!r} has requires_grad=False: {_FALLBACK}"
+        )
     params = [p for p in module.parameters() if p.requires_grad]
     if len({(p.dtype, p.device) for p in params}) > 1:
         raise ValueError(
@@ -328,7 +349,7 @@ def _nll_and_grad(likelihood: Any, out: Tensor, y: Tensor) -> tuple[Tensor, Tens
     ``(softmax(f) - onehot(y)) / |B|``; other likelihoods go through autograd.
     """
     chains, batch = out.shape[0], out.shape[-1]
-    if isinstance(likelihood, CategoricalLikelihood) and not y.is_floating_point():
+    if type(likelihood) is CategoricalLikelihood and not y.is_floating_point():
         index = y.reshape(chains, 1, batch)
         log_p = torch.log_softmax(out, dim=1)
         nll = log_p.gather(1, index).view(chains, batch).mean(dim=1).neg_()
