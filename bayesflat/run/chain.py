@@ -87,12 +87,17 @@ class Computed:
     ``outputs`` maps each evaluation set's name to the model's outputs on it, in order;
     ``train_outputs`` are the outputs on the training points of the ``log_likelihood`` group;
     ``functionals`` the ``posterior`` functionals of the weights (``weight_norm``,
-    ``projection``).
+    ``projection``). For a categorical likelihood, ``log_probs`` and ``train_log_probs`` are
+    ``log_softmax`` of those outputs over the classes: the probabilities are their
+    exponentials and the pointwise log-likelihood ``log p(y_i | x_i)`` is the entry of the
+    label.
     """
 
     outputs: dict[str, Tensor] | None = None
     train_outputs: Tensor | None = None
     functionals: dict[str, np.ndarray] | None = None
+    log_probs: dict[str, Tensor] | None = None
+    train_log_probs: Tensor | None = None
 
 
 @dataclass
@@ -215,19 +220,29 @@ class _Recorder:
                     step=-1,
                 )
             dtype = torch.float16 if spec.prediction_dtype == "float16" else torch.float32
+            log_probs = None if computed.log_probs is None else computed.log_probs[s.name]
             if target.categorical:
                 if spec.store_probabilities:
-                    probs = torch.log_softmax(outputs.float(), dim=-1).exp()
+                    if log_probs is None:
+                        log_probs = torch.log_softmax(outputs.float(), dim=-1)
+                    probs = log_probs.exp()
                     out["predictions"][s.name] = probs.to(dtype).cpu().numpy()
                 if spec.store_logits:
                     logits = outputs.to(dtype).cpu().numpy()
                     out["predictions"][f"{s.name}_logits"] = logits
             else:
                 out["predictions"][s.name] = outputs.to(dtype).cpu().numpy()
-            if s.labels is not None:
+            if s.labels is not None and computed.log_probs is not None:
+                labels = s.labels.to(outputs.device)
+                ll = computed.log_probs[s.name].gather(-1, labels[:, None]).squeeze(-1)
+                out["heldout_log_likelihood"][s.name] = ll.double().cpu().numpy()
+            elif s.labels is not None:
                 ll = target.pointwise_log_likelihood(outputs, s.labels.to(outputs.device))
                 out["heldout_log_likelihood"][s.name] = ll.double().cpu().numpy()
-        if self.loo_x is not None and computed.train_outputs is not None:
+        if self.loo_x is not None and computed.train_log_probs is not None:
+            ll = computed.train_log_probs.gather(-1, self.loo_y.long()[:, None]).squeeze(-1)
+            out["log_likelihood"]["train"] = ll.double().cpu().numpy()
+        elif self.loo_x is not None and computed.train_outputs is not None:
             ll = target.pointwise_log_likelihood(computed.train_outputs, self.loo_y)
             out["log_likelihood"]["train"] = ll.double().cpu().numpy()
         elif self.loo_x is not None:

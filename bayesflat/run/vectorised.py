@@ -601,6 +601,11 @@ class _Stopped(Exception):
     pass
 
 
+def _log_softmax_classes(outputs: Tensor) -> Tensor:
+    """``log_softmax`` of logits ``(K, n, C)`` over the classes, computed class-major."""
+    return torch.log_softmax(outputs.float().mT, dim=1).mT
+
+
 class _Evaluation:
     """What every chain's kept draw evaluates, as batched computations over the chains.
 
@@ -615,6 +620,7 @@ class _Evaluation:
         self.spec = spec
         self.batched = batched
         self.loo_x = chain.recorder.loo_x
+        self.categorical = type(batched.likelihood) is CategoricalLikelihood
         directions = chain.recorder.directions
         self.directions = (
             None if directions is None
@@ -647,6 +653,12 @@ class _Evaluation:
             projections = None
             if self.directions is not None:
                 projections = (flat @ self.directions).double().cpu().numpy()
+        log_probs: dict[str, Tensor] = {}
+        train_log_probs = None
+        if self.categorical:
+            # over the classes of (K, C, n): contiguous along the examples, the fast layout
+            log_probs = {n: _log_softmax_classes(o) for n, o in outputs.items()}
+            train_log_probs = None if train is None else _log_softmax_classes(train)
         out = []
         for k in range(flat.shape[0]):
             functionals = {"weight_norm": norms_host[k]}
@@ -657,6 +669,8 @@ class _Evaluation:
                     outputs={name: o[k] for name, o in outputs.items()},
                     train_outputs=None if train is None else train[k],
                     functionals=functionals,
+                    log_probs={n: lp[k] for n, lp in log_probs.items()} if log_probs else None,
+                    train_log_probs=None if train_log_probs is None else train_log_probs[k],
                 )
             )
         return out
@@ -758,7 +772,8 @@ def _lockstep(
                         chain.state = ChainState(
                             chain.index, step, collected, points, kept, float(running[row])
                         )
-                        chain.last = chain.snapshot()
+                        # the module's and generators' state matter only to a checkpoint
+                        chain.last = chain.snapshot() if checkpoint else chain.state
                     if due():
                         save()
             if step % report_every == 0:
