@@ -542,6 +542,26 @@ def test_batched_forward_and_gradients_equal_each_chains_module(layers, likeliho
             torch.testing.assert_close(grads[n][k], p.grad + 0.5, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stacked_noise_rows_are_each_chains_own_draws(threads):
+    from bayesflat.run.vectorised import ChainGenerators, StackedBuffer
+
+    params = [torch.zeros(3, 4, 5), torch.zeros(3, 7)]
+    buf = StackedBuffer(params)
+    gens = ChainGenerators(torch.Generator().manual_seed(s) for s in (5, 6, 7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf.normal_(gens)
+        buf.normal_(gens)
+    finally:
+        torch.set_num_threads(before)
+    for k, seed in enumerate((5, 6, 7)):
+        g = torch.Generator().manual_seed(seed)
+        torch.empty(27).normal_(generator=g)
+        assert torch.equal(buf.chunks[0][k], torch.empty(27).normal_(generator=g))
+
+
 def _copy_layer(layer: nn.Module) -> nn.Module:
     import copy
 

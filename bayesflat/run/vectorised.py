@@ -49,8 +49,10 @@ networks with BatchNorm running statistics, active dropout or frozen parameters.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -121,16 +123,44 @@ class StackedBuffer(FlatBuffer):
                 offset += n
 
     def normal_(self, generator: Any) -> None:
-        """Row ``k`` of every chunk from ``generator[k]``."""
+        """Row ``k`` of every chunk from ``generator[k]``.
+
+        A row is one generator's sequential draw, so with several torch threads
+        (``torch.get_num_threads()``) the rows are shared out among that many threads, the
+        calling one included; the numbers are the same whatever the thread count.
+        """
         for flat in self.chunks:
-            for row, gen in zip(flat, _generators(generator, flat), strict=True):
-                fill_normal_(row, gen)
+            pairs = list(zip(flat, _generators(generator, flat), strict=True))
+            threads = min(torch.get_num_threads(), len(pairs))
+            parts = [pairs[i::threads] for i in range(threads)]
+            others = [_pool(threads - 1).submit(_fill_rows, part) for part in parts[1:]]
+            _fill_rows(parts[0])
+            for done in others:
+                done.result()
 
     def rademacher_(self, generator: Any) -> None:
         """Row ``k`` of every chunk from ``generator[k]``."""
         for flat in self.chunks:
             for row, gen in zip(flat, _generators(generator, flat), strict=True):
                 fill_rademacher_(row, gen)
+
+
+def _fill_rows(pairs: list[tuple[Tensor, torch.Generator]]) -> None:
+    for row, gen in pairs:
+        fill_normal_(row, gen)
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers, made once per size and process (a forked child has
+    none of its parent's threads); torch releases the GIL while it draws."""
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="bayesflat-rng")
+    return pool
 
 
 def _generators(generator: Any, flat: Tensor) -> list[torch.Generator]:
