@@ -456,11 +456,132 @@ def test_vectorised_chains_equal_the_sequential_chains(sampler, options):
         np.testing.assert_allclose(stats_b[name].values, stats_a[name].values, rtol=1e-4)
 
 
+def _relu_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _frozen_bias_net() -> nn.Module:
+    net = _relu_net()
+    net[1].bias.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize(
+    "net, kw",
+    [(_relu_net, {}), (_relu_net, {"likelihood": "gaussian"}),
+     (_model, {"prior": None, "init": "reset"})],
+)  # fmt: skip
+def test_vectorised_chains_equal_the_sequential_chains_per_network_and_likelihood(net, kw):
+    x, y = _toy()
+    if kw.get("likelihood") == "gaussian":
+        y = torch.nn.functional.one_hot(y, 3).float()
+        kw = {**kw, "eval_sets": {"test": x[:20]}}
+    kw = _kwargs(sampler="fsgld", chains=3, **kw)
+    one_by_one = bayesflat.sample(net(), (x, y), **kw)
+    batched = bayesflat.sample(net(), (x, y), executor="vectorised", **kw)
+    ga, gb = btrace.groups(one_by_one), btrace.groups(batched)
+    for group in ("weights", "posterior", "predictions", "heldout_log_likelihood",
+                  "log_likelihood"):  # fmt: skip
+        if group not in ga:
+            continue
+        for name in ga[group].data_vars:
+            np.testing.assert_allclose(gb[group][name].values, ga[group][name].values,
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+    for name in ("potential", "grad_norm"):
+        np.testing.assert_allclose(
+            gb["sample_stats"][name].values, ga["sample_stats"][name].values, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [nn.Flatten(), nn.Linear(6, 7), nn.ReLU(inplace=True), nn.Linear(7, 4)],
+        [nn.Linear(6, 7, bias=False), nn.ELU(inplace=True), nn.Tanh(), nn.Linear(7, 4)],
+        [nn.Flatten(), nn.Tanh(), nn.Linear(6, 7), nn.GELU(), nn.Flatten(), nn.Linear(7, 4)],
+    ],
+)
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_batched_forward_and_gradients_equal_each_chains_module(layers, likelihood):
+    """The vectorised executor's batched pass gives, row by row, what each chain's own module
+    and autograd give: outputs on shared and on per-chain inputs, mean NLL, gradients (also
+    added onto existing ones)."""
+    from bayesflat.run.vectorised import _BatchedForward
+    from bayesflat.target.torch import CategoricalLikelihood, GaussianLikelihood
+
+    lik = CategoricalLikelihood() if likelihood == "categorical" else GaussianLikelihood()
+    chains, batch = 3, 5
+    nets = []
+    for k in range(chains):
+        torch.manual_seed(k)
+        nets.append(nn.Sequential(*[_copy_layer(layer) for layer in layers]))
+    names = [n for n, _ in nets[0].named_parameters()]
+    stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in nets])
+               for n in names}  # fmt: skip
+    forward = _BatchedForward(nets[0], names)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(chains, batch, 6, generator=g)
+    shared = torch.randn(9, 6, generator=g)
+    if likelihood == "categorical":
+        y = torch.randint(0, 4, (chains, batch), generator=g)
+    else:
+        y = torch.randn(chains, batch, 4, generator=g)
+    grads = {n: torch.full_like(p, 0.5) for n, p in stacked.items()}
+    nll = forward.value_and_grad_(stacked, grads, x, y, lik, accumulate=True)
+    predicted = forward.predict(stacked, shared)
+    own_inputs = forward(stacked, x)
+    for k, net in enumerate(nets):
+        mean_nll = lik.nll(net(x[k]), y[k]).mean()
+        mean_nll.backward()
+        # float32 sums of at most 7 products: relative rounding a few 1e-7
+        torch.testing.assert_close(nll[k], mean_nll.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(predicted[k], net(shared).detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(own_inputs[k], net(x[k]).detach(), rtol=1e-5, atol=1e-6)
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(grads[n][k], p.grad + 0.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stacked_noise_rows_are_each_chains_own_draws(threads):
+    from bayesflat.run.vectorised import ChainGenerators, StackedBuffer
+
+    params = [torch.zeros(3, 4, 5), torch.zeros(3, 7)]
+    buf = StackedBuffer(params)
+    gens = ChainGenerators(torch.Generator().manual_seed(s) for s in (5, 6, 7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf.normal_(gens)
+        buf.normal_(gens)
+    finally:
+        torch.set_num_threads(before)
+    for k, seed in enumerate((5, 6, 7)):
+        g = torch.Generator().manual_seed(seed)
+        torch.empty(27).normal_(generator=g)
+        assert torch.equal(buf.chunks[0][k], torch.empty(27).normal_(generator=g))
+
+
+def _copy_layer(layer: nn.Module) -> nn.Module:
+    import copy
+
+    out = copy.deepcopy(layer)
+    if isinstance(out, nn.Linear):
+        out.reset_parameters()
+    return out
+
+
 @pytest.mark.parametrize("sampler", ["sam", "sghmc", "swag"])
 def test_vectorised_refuses_samplers_whose_update_couples_a_chain(sampler):
     x, y = _toy()
     with pytest.raises(ValueError, match="executor='vectorised'.*processes"):
         bayesflat.sample(_model(), (x, y), executor="vectorised", **_kwargs(sampler=sampler))
+
+
+def test_vectorised_refuses_frozen_parameters():
+    x, y = _toy()
+    with pytest.raises(ValueError, match="'1.bias' has requires_grad=False.*processes"):
+        bayesflat.sample(_frozen_bias_net(), (x, y), executor="vectorised", **_kwargs())
 
 
 def test_vectorised_refuses_dropout():

@@ -81,6 +81,26 @@ class ChainStopped(Exception):
 
 
 @dataclass
+class Computed:
+    """What a caller already evaluated for one chain's draw (``None``: compute it).
+
+    ``outputs`` maps each evaluation set's name to the model's outputs on it, in order;
+    ``train_outputs`` are the outputs on the training points of the ``log_likelihood`` group;
+    ``functionals`` the ``posterior`` functionals of the weights (``weight_norm``,
+    ``projection``). For a categorical likelihood, ``log_probs`` and ``train_log_probs`` are
+    ``log_softmax`` of those outputs over the classes: the probabilities are their
+    exponentials and the pointwise log-likelihood ``log p(y_i | x_i)`` is the entry of the
+    label.
+    """
+
+    outputs: dict[str, Tensor] | None = None
+    train_outputs: Tensor | None = None
+    functionals: dict[str, np.ndarray] | None = None
+    log_probs: dict[str, Tensor] | None = None
+    train_log_probs: Tensor | None = None
+
+
+@dataclass
 class _Recorder:
     """Turns the chain's current state into a :data:`Record`."""
 
@@ -92,8 +112,21 @@ class _Recorder:
     loo_y: Any
     directions: list[list[Tensor]] | None
 
-    def record(self, step: int, extra: dict[str, Any], chain: int, draw: int) -> Record:
+    def record(
+        self,
+        step: int,
+        extra: dict[str, Any],
+        chain: int,
+        draw: int,
+        computed: Computed | None = None,
+    ) -> Record:
+        """The draw at the module's current weights.
+
+        ``computed`` holds what a caller evaluated already for this chain (the vectorised
+        executor evaluates every chain in one batched pass); the rest is computed here.
+        """
         spec, target, module = self.spec, self.target, self.target.module
+        computed = computed or Computed()
         stats = self.sampler.stats()
         potential = stats.pop("lp")
         if not math.isfinite(stats["grad_norm"]):
@@ -108,11 +141,14 @@ class _Recorder:
         out: Record = {"sample_stats": {k: np.asarray(v, np.float64) for k, v in stats.items()}}
         posterior = {k: _host(v) for k, v in target.posterior_variables().items()}
         if spec.target.kind == "module":
-            posterior.update(self._functionals(module))
+            posterior.update(
+                computed.functionals if computed.functionals is not None
+                else self._functionals(module)
+            )  # fmt: skip
             out["weights"] = self._weights(module)
         out["posterior"] = posterior
         with _eval_mode(module), torch.no_grad():
-            out.update(self._predictions(chain, draw))
+            out.update(self._predictions(chain, draw, computed))
         # float 0/1 through the sinks; the trace schema stores it as bool
         out["sample_stats"]["diverging"] = np.float64(bool(self._diverging(stats, out)))
         return {group: data for group, data in out.items() if data}
@@ -167,13 +203,16 @@ class _Recorder:
             )
         return out
 
-    def _predictions(self, chain: int, draw: int) -> Record:
+    def _predictions(self, chain: int, draw: int, computed: Computed) -> Record:
         spec, target = self.spec, self.target
         out: Record = {"predictions": {}, "heldout_log_likelihood": {}, "log_likelihood": {}}
         for s in spec.eval_sets:
-            outputs = torch.cat(
-                [target.predict(xb) for xb in s.batches(spec.eval_batch_size, self.device)]
-            )
+            if computed.outputs is not None:
+                outputs = computed.outputs[s.name]
+            else:
+                outputs = torch.cat(
+                    [target.predict(xb) for xb in s.batches(spec.eval_batch_size, self.device)]
+                )
             if not bool(torch.isfinite(outputs).all()):
                 raise ChainFailure(
                     f"non-finite prediction on eval set {s.name!r} at chain {chain}, draw {draw}",
@@ -181,19 +220,32 @@ class _Recorder:
                     step=-1,
                 )
             dtype = torch.float16 if spec.prediction_dtype == "float16" else torch.float32
+            log_probs = None if computed.log_probs is None else computed.log_probs[s.name]
             if target.categorical:
                 if spec.store_probabilities:
-                    probs = torch.log_softmax(outputs.float(), dim=-1).exp()
+                    if log_probs is None:
+                        log_probs = torch.log_softmax(outputs.float(), dim=-1)
+                    probs = log_probs.exp()
                     out["predictions"][s.name] = probs.to(dtype).cpu().numpy()
                 if spec.store_logits:
                     logits = outputs.to(dtype).cpu().numpy()
                     out["predictions"][f"{s.name}_logits"] = logits
             else:
                 out["predictions"][s.name] = outputs.to(dtype).cpu().numpy()
-            if s.labels is not None:
+            if s.labels is not None and computed.log_probs is not None:
+                labels = s.labels.to(outputs.device)
+                ll = computed.log_probs[s.name].gather(-1, labels[:, None]).squeeze(-1)
+                out["heldout_log_likelihood"][s.name] = ll.double().cpu().numpy()
+            elif s.labels is not None:
                 ll = target.pointwise_log_likelihood(outputs, s.labels.to(outputs.device))
                 out["heldout_log_likelihood"][s.name] = ll.double().cpu().numpy()
-        if self.loo_x is not None:
+        if self.loo_x is not None and computed.train_log_probs is not None:
+            ll = computed.train_log_probs.gather(-1, self.loo_y.long()[:, None]).squeeze(-1)
+            out["log_likelihood"]["train"] = ll.double().cpu().numpy()
+        elif self.loo_x is not None and computed.train_outputs is not None:
+            ll = target.pointwise_log_likelihood(computed.train_outputs, self.loo_y)
+            out["log_likelihood"]["train"] = ll.double().cpu().numpy()
+        elif self.loo_x is not None:
             lls = []
             # Targets whose predictions are draws (Pyro) score examples from their inputs.
             scored = getattr(target, "log_likelihood", None) if not target.categorical else None

@@ -18,25 +18,41 @@ products round differently from one chain's):
 What a chain records, checkpoints and reports goes through the same per-chain objects as the
 sequential executor (a module, a sampler holding the chain's generator, a stream, a recorder):
 at each kept draw the chain's row is copied into them. A checkpoint of a vectorised chain is
-therefore a checkpoint of a sequential one and may be resumed by any executor.
+therefore a checkpoint of a sequential one and may be resumed by any executor. What a kept
+draw evaluates is computed for all chains at once and handed to each chain's recorder: the
+outputs on the evaluation sets and on the ``log_likelihood`` training points (one batched
+forward per ``eval_batch_size`` examples, so ``K`` times the memory of one chain's), the
+weight norms and the random projections (one matrix product).
 
-The forward pass is a stack of batched matrix products (``baddbmm``) for networks made of
-``Linear`` layers, ``Flatten`` and element-wise activations (such as
-:class:`bayesflat.models.MLP`), and ``torch.func.vmap`` over ``functional_call`` otherwise.
+For networks made of ``Linear`` layers, ``Flatten`` and element-wise activations (such as
+:class:`bayesflat.models.MLP`) the forward pass is a stack of batched matrix products
+(``baddbmm``) and the backward pass is written out: for a layer ``z = W h + b`` with upstream
+gradient ``g = dL/dz`` (all ``(K, ., |B|)``), ``dL/dW = g h^T``, ``dL/db = sum_B g`` and
+``dL/dh = W^T g``, each one batched product written into the chain-stacked gradient; ReLU
+masks ``g`` with the sign of its output, other activations go through autograd, and the
+categorical likelihood's gradient is ``(softmax(f) - onehot(y)) / |B|``. Other networks run
+through ``torch.func.vmap`` over ``functional_call`` and autograd.
+
+Cost: the ``K`` chains do ``K`` times one chain's arithmetic; what batching removes is the
+per-operation overhead. On the digits MLP (fSGLD, one thread) the Langevin and perturbation
+noise, drawn row by row from each chain's generator, costs ``K`` times one chain's draws and
+is the largest single part; see ``benchmarks/run_engine.py``.
 
 Samplers whose update is element-wise are vectorised: a plain or perturbed gradient (Gaussian
 or Rademacher, several draws, antithetic pairs, clean-weight mixing) followed by Langevin
 dynamics (sgld, sgd, fsgld, rwp, nso ...). Those whose state or norms couple the weights of a
 chain (SAM's gradient norm, filter-normalised perturbations, preconditioners, momenta,
 trajectory averages) are refused with a message pointing to ``executor="processes"``; so are
-networks with BatchNorm running statistics or active dropout.
+networks with BatchNorm running statistics, active dropout or frozen parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -45,6 +61,7 @@ from torch import Tensor, nn
 from bayesflat.run.chain import (
     _FLUSH_BYTES,
     ChainFailure,
+    Computed,
     _loo_data,
     _Recorder,
     _rng_devices,
@@ -63,7 +80,7 @@ from bayesflat.samplers.base import (
 )
 from bayesflat.samplers.langevin import LangevinDynamics
 from bayesflat.samplers.perturbation import PerturbedGradient
-from bayesflat.target.torch import FlatPrior, GaussianPrior
+from bayesflat.target.torch import CategoricalLikelihood, FlatPrior, GaussianPrior
 
 __all__ = ["StackedBuffer", "check_vectorisable", "run_vectorised"]
 
@@ -106,16 +123,44 @@ class StackedBuffer(FlatBuffer):
                 offset += n
 
     def normal_(self, generator: Any) -> None:
-        """Row ``k`` of every chunk from ``generator[k]``."""
+        """Row ``k`` of every chunk from ``generator[k]``.
+
+        A row is one generator's sequential draw, so with several torch threads
+        (``torch.get_num_threads()``) the rows are shared out among that many threads, the
+        calling one included; the numbers are the same whatever the thread count.
+        """
         for flat in self.chunks:
-            for row, gen in zip(flat, _generators(generator, flat), strict=True):
-                fill_normal_(row, gen)
+            pairs = list(zip(flat, _generators(generator, flat), strict=True))
+            threads = min(torch.get_num_threads(), len(pairs))
+            parts = [pairs[i::threads] for i in range(threads)]
+            others = [_pool(threads - 1).submit(_fill_rows, part) for part in parts[1:]]
+            _fill_rows(parts[0])
+            for done in others:
+                done.result()
 
     def rademacher_(self, generator: Any) -> None:
         """Row ``k`` of every chunk from ``generator[k]``."""
         for flat in self.chunks:
             for row, gen in zip(flat, _generators(generator, flat), strict=True):
                 fill_rademacher_(row, gen)
+
+
+def _fill_rows(pairs: list[tuple[Tensor, torch.Generator]]) -> None:
+    for row, gen in pairs:
+        fill_normal_(row, gen)
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers, made once per size and process (a forked child has
+    none of its parent's threads); torch releases the GIL while it draws."""
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="bayesflat-rng")
+    return pool
 
 
 def _generators(generator: Any, flat: Tensor) -> list[torch.Generator]:
@@ -147,6 +192,13 @@ def check_vectorisable(spec: RunSpec) -> None:
                 f"executor='vectorised' cannot reproduce each chain's dropout masks (module "
                 f"{name!r}): {_FALLBACK}"
             )
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"executor='vectorised' needs every parameter trainable (the sequential chains draw "
+            f"noise for frozen ones too, and each chain's frozen values would have to be kept); "
+            f"{frozen[0]!r} has requires_grad=False: {_FALLBACK}"
+        )
     params = [p for p in module.parameters() if p.requires_grad]
     if len({(p.dtype, p.device) for p in params}) > 1:
         raise ValueError(
@@ -196,37 +248,149 @@ def _linear_stack(module: nn.Module) -> list[nn.Module] | None:
 
 
 class _BatchedForward:
-    """``f(stacked params, X) -> outputs (K, |B|, ...)`` for the chains' module."""
+    """``f(stacked params, X) -> outputs (K, |B|, ...)`` for the chains' module.
+
+    For a stack of ``Linear`` layers and element-wise activations (the fast path) the
+    activations are kept feature-major, ``(K, features, |B|)``: a layer is one
+    ``baddbmm(b, W, h)`` with ``W`` the ``(K, out, in)`` weights as they are stored, and its
+    gradients are two batched products written straight into the gradient buffer (no autograd
+    graph). The categorical likelihood then normalises over the class dimension of
+    ``(K, C, |B|)``, which is contiguous along the examples (``log_softmax`` over a last
+    dimension of ten classes is several times slower). Other modules run through
+    ``torch.func.vmap`` over ``functional_call`` and autograd.
+    """
 
     def __init__(self, module: nn.Module, names: list[str]) -> None:
         self.module = module
         self.names = names
         self.layers = _linear_stack(module)
         self.prefix = {id(layer): name for name, layer in module.named_children()}
+        linear = [i for i, layer in enumerate(self.layers or []) if isinstance(layer, nn.Linear)]
+        self.first = linear[0] if linear else None
+        self.flattens = self.first is not None and any(
+            isinstance(layer, nn.Flatten) for layer in (self.layers or [])[: self.first]
+        )
+
+    def fast(self, x: Tensor, shared: bool) -> bool:
+        """Whether the feature-major path runs inputs ``x`` (per chain, or ``shared``)."""
+        return self.first is not None and (self.flattens or x.dim() == (2 if shared else 3))
 
     def __call__(self, stacked: dict[str, Tensor], x: Tensor) -> Tensor:
-        if self.layers is None:
+        """Outputs ``(K, |B|, ...)`` of every chain on its own inputs ``x`` ``(K, |B|, ...)``."""
+        if self.fast(x, shared=False):
+            with torch.no_grad():
+                out, _ = self._forward(stacked, x.reshape(x.shape[0], x.shape[1], -1).mT)
+            return out.mT
+        from torch.func import functional_call, vmap
+
+        def one(params: dict[str, Tensor], xb: Tensor) -> Tensor:
+            return functional_call(self.module, params, (xb,))
+
+        return vmap(one)(stacked, x)
+
+    def predict(self, stacked: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Outputs ``(K, n, ...)`` of every chain on the same inputs ``x`` ``(n, ...)``."""
+        with torch.no_grad():
+            if self.fast(x, shared=True):
+                chains = next(iter(stacked.values())).shape[0]
+                h = x.reshape(x.shape[0], -1).T.expand(chains, -1, -1)
+                return self._forward(stacked, h)[0].mT
             from torch.func import functional_call, vmap
 
-            def one(params: dict[str, Tensor], xb: Tensor) -> Tensor:
-                return functional_call(self.module, params, (xb,))
+            def one(params: dict[str, Tensor]) -> Tensor:
+                return functional_call(self.module, params, (x,))
 
-            return vmap(one)(stacked, x)
-        h = x
-        for layer in self.layers:
-            if isinstance(layer, nn.Flatten):
-                h = h.reshape(h.shape[0], h.shape[1], -1)
-            elif isinstance(layer, nn.Linear):
+            return vmap(one)(stacked)
+
+    def _forward(self, stacked: dict[str, Tensor], h: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Feature-major outputs ``(K, C, n)`` from inputs ``h`` ``(K, in, n)``, and the input
+        of every layer from the first ``Linear`` on (what the backward pass reads)."""
+        assert self.layers is not None and self.first is not None
+        for layer in self.layers[: self.first]:
+            if not isinstance(layer, nn.Flatten):
+                h = layer(h.clone() if getattr(layer, "inplace", False) else h)
+        inputs = []
+        for layer in self.layers[self.first :]:
+            inputs.append(h)
+            if isinstance(layer, nn.Linear):
                 name = self.prefix[id(layer)]
-                weight = stacked[f"{name}.weight"].transpose(1, 2)
-                bias = stacked.get(f"{name}.bias")
-                if bias is None:
-                    h = torch.bmm(h, weight)
-                else:
-                    h = torch.baddbmm(bias[:, None], h, weight)
+                weight, bias = stacked[f"{name}.weight"], stacked.get(f"{name}.bias")
+                h = (
+                    torch.bmm(weight, h)
+                    if bias is None
+                    else torch.baddbmm(bias[..., None], weight, h)
+                )
+            elif isinstance(layer, nn.Flatten):
+                continue
+            elif isinstance(layer, nn.ReLU):
+                # in place: h is this pass's own tensor, and ReLU's backward reads the sign
+                # of its output as well as of its input
+                h = torch.relu_(h)
             else:
-                h = layer(h)
-        return h
+                h = layer(h.clone() if getattr(layer, "inplace", False) else h)
+        return h, inputs
+
+    def value_and_grad_(
+        self,
+        stacked: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        likelihood: Any,
+        accumulate: bool,
+    ) -> Tensor:
+        """Each chain's mean minibatch NLL ``(K,)``; its gradient is written (``accumulate``:
+        added) into ``grads``, tensors shaped like ``stacked``. Fast path only."""
+        with torch.no_grad():
+            out, inputs = self._forward(stacked, x.reshape(x.shape[0], x.shape[1], -1).mT)
+            nll, g = _nll_and_grad(likelihood, out, y)
+            beta = 1.0 if accumulate else 0.0
+            assert self.layers is not None
+            layers = self.layers[self.first :]
+            for i in range(len(layers) - 1, -1, -1):
+                layer, h = layers[i], inputs[i]
+                if isinstance(layer, nn.Linear):
+                    name = self.prefix[id(layer)]
+                    grads[f"{name}.weight"].baddbmm_(g, h.mT, beta=beta)
+                    if layer.bias is not None:
+                        gb = grads[f"{name}.bias"]
+                        if accumulate:
+                            gb.add_(g.sum(dim=2))
+                        elif gb.is_contiguous():
+                            torch.sum(g, dim=2, out=gb)
+                        else:
+                            gb.copy_(g.sum(dim=2))
+                    if i > 0:
+                        g = torch.bmm(stacked[f"{name}.weight"].mT, g)
+                elif isinstance(layer, nn.ReLU):
+                    g = torch.ops.aten.threshold_backward(g, h, 0)
+                elif not isinstance(layer, nn.Flatten):
+                    with torch.enable_grad():
+                        z = h.detach().requires_grad_(True)
+                        (g,) = torch.autograd.grad(layer(z.clone()), z, g)
+        return nll
+
+
+def _nll_and_grad(likelihood: Any, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean NLL per chain ``(K,)`` of feature-major outputs ``out`` ``(K, C, |B|)`` against
+    ``y`` ``(K, |B|, ...)``, and its gradient with respect to ``out``.
+
+    For integer class labels the categorical gradient is the closed form
+    ``(softmax(f) - onehot(y)) / |B|``; other likelihoods go through autograd.
+    """
+    chains, batch = out.shape[0], out.shape[-1]
+    if type(likelihood) is CategoricalLikelihood and not y.is_floating_point():
+        index = y.reshape(chains, 1, batch)
+        log_p = torch.log_softmax(out, dim=1)
+        nll = log_p.gather(1, index).view(chains, batch).mean(dim=1).neg_()
+        grad = log_p.exp_()
+        grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
+        return nll, grad.div_(batch)
+    with torch.enable_grad():
+        f = out.mT.detach().requires_grad_(True)
+        nll = likelihood.nll(f.flatten(0, 1), y.flatten(0, 1)).view(chains, batch).mean(dim=1)
+        (grad,) = torch.autograd.grad(nll.sum(), f)
+    return nll.detach(), grad.mT
 
 
 class _BatchedTarget:
@@ -256,6 +420,8 @@ class _BatchedTarget:
             if all(row[name].grad is not None for row in rows):
                 p.grad = torch.stack([row[name].grad for row in rows])
         self.forward = _BatchedForward(target.module, list(first))
+        # one contiguous (K, *shape) tensor per parameter: batched products write into it
+        self.grad_views = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.by_precision: dict[float, list[Tensor]] = {}
         self.segments: list[tuple[int, int, float]] = []
         if isinstance(self.prior, GaussianPrior):
@@ -284,14 +450,25 @@ class _BatchedTarget:
         computed only at the steps where the potential is read.
         """
         chains, batch = x.shape[0], x.shape[1]
+        fast = self.forward.fast(x, shared=False)
 
         def closure() -> Tensor:
-            out = self.forward(self.params, x)
-            nll = self.likelihood.nll(out.flatten(0, 1), y.flatten(0, 1)).view(chains, batch)
-            nll = nll.mean(dim=1)
-            nll.sum().backward()
+            if fast:
+                params = self.params
+                accumulate = all(p.grad is not None for p in params.values())
+                if not accumulate:
+                    for name, p in params.items():
+                        p.grad = self.grad_views[name]
+                grads = {name: p.grad for name, p in params.items()}
+                nll = self.forward.value_and_grad_(params, grads, x, y, self.likelihood, accumulate)
+            else:
+                out = self.forward(self.params, x)
+                nll = self.likelihood.nll(out.flatten(0, 1), y.flatten(0, 1)).view(chains, batch)
+                nll = nll.mean(dim=1)
+                nll.sum().backward()
+                nll = nll.detach()
             prior = self._prior_(value)
-            return nll.detach() if prior is None else nll.detach() + prior / self.num_data
+            return nll if prior is None else nll + prior / self.num_data
 
         return closure
 
@@ -314,7 +491,8 @@ class _BatchedTarget:
                     return None
                 total = None
                 for a, b, precision in self.segments:
-                    value = flat[:, a:b].square().sum(dim=1).mul_(0.5 * precision)
+                    value = torch.linalg.vector_norm(flat[:, a:b], dim=1).square_()
+                    value = value.mul_(0.5 * precision)
                     total = value if total is None else total.add_(value)
             assert total is not None
             return total
@@ -453,12 +631,89 @@ class _Stopped(Exception):
     pass
 
 
+def _log_softmax_classes(outputs: Tensor) -> Tensor:
+    """``log_softmax`` of logits ``(K, n, C)`` over the classes, computed class-major."""
+    return torch.log_softmax(outputs.float().mT, dim=1).mT
+
+
+class _Evaluation:
+    """What every chain's kept draw evaluates, as batched computations over the chains.
+
+    The outputs on the evaluation sets and on the ``log_likelihood`` training points come from
+    one batched forward per ``eval_batch_size`` examples (:meth:`_BatchedForward.predict`); the
+    weight norms and random projections from the stacked weights (one matrix product for the
+    projections). They equal what each chain's :class:`~bayesflat.run.chain._Recorder`
+    computes on its own module, to float rounding.
+    """
+
+    def __init__(self, spec: RunSpec, batched: _BatchedTarget, chain: _Chain) -> None:
+        self.spec = spec
+        self.batched = batched
+        self.loo_x = chain.recorder.loo_x
+        self.categorical = type(batched.likelihood) is CategoricalLikelihood
+        directions = chain.recorder.directions
+        self.directions = (
+            None if directions is None
+            else torch.stack([torch.cat([d.reshape(-1) for d in ds]) for ds in directions], dim=1)
+        )  # fmt: skip
+
+    def __call__(self) -> list[Computed]:
+        """One :class:`Computed` per chain, in row order."""
+        spec, batched = self.spec, self.batched
+        size = spec.eval_batch_size
+        device = batched.flat.device
+        outputs = {
+            s.name: torch.cat(
+                [batched.forward.predict(batched.params, xb) for xb in s.batches(size, device)],
+                dim=1,
+            )
+            for s in spec.eval_sets
+        }
+        train = None
+        if self.loo_x is not None:
+            chunks = [self.loo_x[a : a + size] for a in range(0, len(self.loo_x), size)]
+            train = torch.cat([batched.forward.predict(batched.params, xb) for xb in chunks], 1)
+        with torch.no_grad():
+            flat = batched.flat
+            norms = torch.stack(
+                [torch.linalg.vector_norm(flat[:, a:b], dim=1) for _, a, b, _ in batched.layout],
+                dim=1,
+            )
+            norms_host = norms.float().cpu().numpy()
+            projections = None
+            if self.directions is not None:
+                projections = (flat @ self.directions).double().cpu().numpy()
+        log_probs: dict[str, Tensor] = {}
+        train_log_probs = None
+        if self.categorical:
+            # over the classes of (K, C, n): contiguous along the examples, the fast layout
+            log_probs = {n: _log_softmax_classes(o) for n, o in outputs.items()}
+            train_log_probs = None if train is None else _log_softmax_classes(train)
+        out = []
+        for k in range(flat.shape[0]):
+            functionals = {"weight_norm": norms_host[k]}
+            if projections is not None:
+                functionals["projection"] = projections[k]
+            out.append(
+                Computed(
+                    outputs={name: o[k] for name, o in outputs.items()},
+                    train_outputs=None if train is None else train[k],
+                    functionals=functionals,
+                    log_probs={n: lp[k] for n, lp in log_probs.items()} if log_probs else None,
+                    train_log_probs=None if train_log_probs is None else train_log_probs[k],
+                )
+            )
+        return out
+
+
 def _minibatches(live: list[_Chain]) -> tuple[Tensor, Tensor]:
     """Every chain's next minibatch, stacked ``(K, |B|, ...)``; one gather for tensor data."""
     first = live[0].stream
     if first.data.is_tensors:
         idx = torch.stack([c.stream.next_indices() for c in live]).to(first.device)
-        return first._x[idx], first._y[idx]
+        flat = idx.view(-1)
+        x, y = first._x.index_select(0, flat), first._y.index_select(0, flat)
+        return x.view(*idx.shape, *x.shape[1:]), y.view(*idx.shape, *y.shape[1:])
     batches = [next(c.stream) for c in live]
     return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
 
@@ -495,6 +750,7 @@ def _lockstep(
     planned = live[0].sampler.planned_steps(spec.burn_in, spec.draws, spec.thin)
     report_every = max(1, planned // 100)
     since = time.monotonic()
+    evaluate = _Evaluation(spec, batched, live[0])
     for chain in live:
         sink.begin(chain.index, kept)
         chain.module.train()
@@ -520,9 +776,8 @@ def _lockstep(
             x, y = _minibatches(live)
             loss = shared.step(batched.closure(x, y, value=read)).double().cpu()
             step += 1
-            bad = (~torch.isfinite(loss)).nonzero()
-            if len(bad):
-                k = int(bad[0])
+            if not bool(torch.isfinite(loss).all()):
+                k = int((~torch.isfinite(loss)).nonzero()[0])
                 raise ChainFailure(
                     f"non-finite potential {float(loss[k])} at chain {live[k].index}, "
                     f"step {step - 1}",
@@ -535,16 +790,20 @@ def _lockstep(
                 collected += 1
                 if collected % spec.thin == 0:
                     points += 1
+                    computed = evaluate()
                     for row, chain in enumerate(live):
                         chain.pull(batched, row, shared, loss)
-                        record = chain.recorder.record(step - 1, {}, chain.index, kept)
+                        record = chain.recorder.record(
+                            step - 1, {}, chain.index, kept, computed[row]
+                        )
                         sink.write(chain.index, kept, record)
                     kept += 1
                     for row, chain in enumerate(live):
                         chain.state = ChainState(
                             chain.index, step, collected, points, kept, float(running[row])
                         )
-                        chain.last = chain.snapshot()
+                        # the module's and generators' state matter only to a checkpoint
+                        chain.last = chain.snapshot() if checkpoint else chain.state
                     if due():
                         save()
             if step % report_every == 0:
