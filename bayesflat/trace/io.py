@@ -13,7 +13,7 @@ number of draws.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,7 +157,7 @@ def write_concatenated(
     *,
     layout: Layout,
     sizes: Mapping[str, int],
-    pieces: Sequence[Sequence[tuple[int, int, Callable[[], Arrays]]]],
+    pieces: Sequence[Iterable[tuple[int, int, Arrays]]],
     draws: int,
     static: Mapping[str, xr.Dataset],
     root: dict[str, Any],
@@ -175,9 +175,9 @@ def write_concatenated(
         :func:`bayesflat.trace.schema.draw_variables` gives them.
     sizes : mapping of str to int
         Size of every dimension other than ``chain`` and ``draw``.
-    pieces : per chain, a list of ``(start, stop, read)``
-        ``read()`` returns the arrays of draws ``start..stop-1`` of that chain, keyed by group
-        and encoded variable name, each of shape ``(stop - start, ...)``.
+    pieces : per chain, an iterable of ``(start, stop, arrays)``
+        The arrays of draws ``start..stop-1`` of that chain, keyed by group and encoded
+        variable name, each of shape ``(stop - start, ...)``; consumed one at a time.
     draws : int
         Length of the ``draw`` dimension; draws no piece covers are NaN.
     static : mapping of str to Dataset
@@ -221,8 +221,8 @@ def write_concatenated(
                 for var, (dims, dtype) in variables.items()
             }
             for chain, chain_pieces in enumerate(pieces):
-                for start, stop, read in chain_pieces:
-                    for group, variables in read().items():
+                for start, stop, arrays in chain_pieces:
+                    for group, variables in arrays.items():
                         for var, values in variables.items():
                             target = targets[(group, var)]
                             if target.attrs.get("dtype") == "bool":
