@@ -972,4 +972,5 @@ def assemble_folder(path: str | os.PathLike[str]) -> Path:
     static = folder.read_static(meta.get("attrs", {}), meta.get("coords", {}))
     chains = int(meta["identity"]["spec"]["chains"])
     kept = [s.kept if (s := folder.checkpoint(c)) is not None else 0 for c in range(chains)]
-    return assemble_trace(folder, static, kept)
+    assemble_trace(folder, static, kept)
+    return folder.trace_nc

@@ -437,8 +437,7 @@ class FolderSink:
             self.flush(chain)
         kept = [self.kept(c) for c in range(self.chains)]
         if complete:
-            assemble_trace(self.folder, static, kept)
-            return load_folder(self.folder.path, lazy=True)
+            return assemble_trace(self.folder, static, kept)
         return _partial_trace(self.folder, static, kept, reason)
 
 
@@ -468,8 +467,11 @@ def _pieces(files: Sequence[DrawFile | None], kept: Sequence[int]) -> list[Any]:
     ]
 
 
-def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> Path:
-    """Write the folder's ``trace.nc`` from its draw files, then remove the draw files."""
+def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> Any:
+    """Write the folder's ``trace.nc`` from its draw files, then remove the draw files.
+
+    Returns the trace of ``trace.nc``, its arrays read from the file when they are used.
+    """
     root = static.run_attrs(kept, complete=True, reason="")
     settings, kinds = schema.encode_attrs(root)
     stamp = schema.provenance()
@@ -483,7 +485,7 @@ def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> Pa
     for group, name, dims, dtype, shape in first.variables:
         layout.setdefault(group, {})[name] = (("chain", "draw", *dims), dtype)
         sizes.update(zip(dims, shape, strict=True))
-    write_concatenated(
+    parts, stored_root = write_concatenated(
         folder.trace_nc,
         layout=layout,
         sizes=sizes,
@@ -498,7 +500,7 @@ def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> Pa
     )
     for chain in range(len(kept)):
         folder.draws_path(chain).unlink(missing_ok=True)
-    return folder.trace_nc
+    return assemble(parts, stored_root)
 
 
 def _partial_trace(folder: RunFolder, static: Static, kept: Sequence[int], reason: str) -> Any:

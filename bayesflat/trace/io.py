@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5netcdf
+import h5netcdf.attrs
+import h5py
 import numpy as np
 import xarray as xr
+from xarray.backends import BackendArray
+from xarray.core import indexing
 
 from bayesflat import _io
 from bayesflat.trace import schema
@@ -163,8 +167,11 @@ def write_concatenated(
     root: dict[str, Any],
     coords: Mapping[str, Sequence[Any]] | None = None,
     group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Path:
+) -> tuple[dict[str, xr.Dataset], dict[str, Any]]:
     """Write a trace whose draw groups are assembled from pieces, one piece in memory at once.
+
+    The file is laid out with h5netcdf in one pass (no xarray writer: it reopens the file for
+    every group), then the pieces are copied into its datasets with h5py.
 
     Parameters
     ----------
@@ -188,56 +195,138 @@ def write_concatenated(
         Labels of dimensions that are not ``0..size-1``.
     group_attrs : mapping, optional
         Attributes of each draw group.
+
+    Returns
+    -------
+    (dict of str to Dataset, dict)
+        What :func:`open_groups` with ``lazy=True`` gives for the file: its groups, the draw
+        variables read from the file when used, and its root attributes.
     """
     path = Path(path)
     chains = len(pieces)
+    labels: dict[str, dict[str, np.ndarray]] = {}
+    for group in schema.DRAW_GROUPS:
+        if group not in layout:
+            continue
+        dims = {d for variable_dims, _ in layout[group].values() for d in variable_dims}
+        labels[group] = {}
+        for dim in sorted(dims):
+            if dim == "chain":
+                labels[group][dim] = np.arange(chains)
+            elif dim == "draw":
+                labels[group][dim] = np.arange(draws)
+            elif coords and dim in coords:
+                labels[group][dim] = np.asarray(coords[dim])
+            else:
+                labels[group][dim] = np.arange(sizes[dim])
     with _io.atomic_path(path) as temporary:
-        xr.Dataset(attrs=root).to_netcdf(temporary, mode="w", engine="h5netcdf")
-        for group in schema.DRAW_GROUPS:
-            if group not in layout:
-                continue
-            dims = {d for variable_dims, _ in layout[group].values() for d in variable_dims}
-            labels = {}
-            for dim in sorted(dims):
-                if dim == "chain":
-                    labels[dim] = np.arange(chains)
-                elif dim == "draw":
-                    labels[dim] = np.arange(draws)
-                elif coords and dim in coords:
-                    labels[dim] = np.asarray(coords[dim])
-                else:
-                    labels[dim] = np.arange(sizes[dim])
-            attrs = dict((group_attrs or {}).get(group, {}))
-            xr.Dataset(coords=labels, attrs=attrs).to_netcdf(
-                temporary, mode="a", group=group, engine="h5netcdf"
-            )
-        for name in schema.GROUPS:
-            if name in static:
-                static[name].to_netcdf(temporary, mode="a", group=name, engine="h5netcdf")
-        with h5netcdf.File(temporary, "a") as out:
-            targets = {
-                (group, var): _create(out.groups[group], var, dims, dtype)
-                for group, variables in layout.items()
-                for var, (dims, dtype) in variables.items()
-            }
+        with h5netcdf.File(temporary, "w") as out:
+            out.attrs.update(root)
+            for group, group_labels in labels.items():
+                node = out.create_group(group)
+                node.attrs.update((group_attrs or {}).get(group, {}))
+                for dim, values in group_labels.items():
+                    node.dimensions[dim] = len(values)
+                    _variable(node, dim, (dim,), values)
+                for var, (dims, dtype) in layout[group].items():
+                    _variable(node, var, dims, None, dtype)
+            for name in schema.GROUPS:
+                if name in static:
+                    _dataset(out.create_group(name), static[name])
+        with h5py.File(temporary, "r+") as out:
             for chain, chain_pieces in enumerate(pieces):
                 for start, stop, arrays in chain_pieces:
                     for group, variables in arrays.items():
                         for var, values in variables.items():
-                            target = targets[(group, var)]
-                            if target.attrs.get("dtype") == "bool":
+                            if np.dtype(layout[group][var][1]).kind == "b":
                                 values = (np.nan_to_num(values) > 0.5).astype(np.int8)
-                            target[chain, start:stop] = values
-    return path
+                            out[group][var][chain, start:stop] = values
+    stored = _StoredFile(path)
+    parts: dict[str, xr.Dataset] = {}
+    with h5py.File(path, "r") as handle:
+        file_root = _attributes(handle)
+        for name in schema.GROUPS:
+            if name in labels:
+                variables = {
+                    var: xr.Variable(dims, stored.lazy(f"{name}/{var}", dims, dtype, labels[name]))
+                    for var, (dims, dtype) in layout[name].items()
+                }
+                parts[name] = xr.Dataset(
+                    variables, coords=labels[name], attrs=_attributes(handle[name])
+                )
+            elif name in static:
+                parts[name] = static[name]
+    return parts, file_root
 
 
-def _create(group: Any, name: str, dims: tuple[str, ...], dtype: Any) -> Any:
-    """A netCDF variable; bools as int8 with ``dtype="bool"``, as xarray encodes them."""
-    if np.dtype(dtype).kind == "b":
-        variable = group.create_variable(name, dimensions=dims, dtype=np.int8, fillvalue=None)
+def _variable(
+    node: Any, name: str, dims: tuple[str, ...], values: np.ndarray | None, dtype: Any = None
+) -> None:
+    """A netCDF variable encoded as xarray encodes it: bools as int8 with ``dtype="bool"``,
+    floats with a NaN fill value, strings variable-length."""
+    dtype = np.dtype(values.dtype if values is not None else dtype)
+    if dtype.kind == "b":
+        data = None if values is None else values.astype(np.int8)
+        variable = node.create_variable(name, dims, np.int8, data=data, fillvalue=None)
         variable.attrs["dtype"] = "bool"
-        return variable
-    return group.create_variable(name, dimensions=dims, dtype=dtype, fillvalue=_fill(dtype))
+    elif dtype.kind in "UO":
+        data = None if values is None else values.astype(object)
+        node.create_variable(name, dims, h5py.string_dtype(), data=data)
+    else:
+        node.create_variable(name, dims, dtype, data=values, fillvalue=_fill(dtype))
+
+
+def _dataset(node: Any, data: xr.Dataset) -> None:
+    """Write ``data`` (numbers and strings, no encoding) into the netCDF group ``node``."""
+    node.attrs.update(data.attrs)
+    for dim, size in data.sizes.items():
+        node.dimensions[dim] = size
+    for name, variable in data.variables.items():
+        _variable(node, str(name), tuple(map(str, variable.dims)), variable.values)
+
+
+def _attributes(node: Any) -> dict[str, Any]:
+    """A file's or group's attributes as xarray's h5netcdf reader gives them."""
+    attributes = h5netcdf.attrs.Attributes(node.attrs, lambda dtype: None, h5py)
+    return {
+        key: value.decode() if isinstance(value, bytes) else value
+        for key, value in attributes.items()
+    }
+
+
+class _StoredFile:
+    """A trace file whose variables are read when used, through one h5py handle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: h5py.File | None = None
+
+    def read(self, name: str, key: tuple[Any, ...]) -> np.ndarray:
+        if self._handle is None:
+            self._handle = h5py.File(self.path, "r")
+        return self._handle[name][key]
+
+    def lazy(
+        self, name: str, dims: tuple[str, ...], dtype: Any, labels: Mapping[str, np.ndarray]
+    ) -> Any:
+        shape = tuple(len(labels[d]) for d in dims)
+        array = indexing.LazilyIndexedArray(_StoredArray(self, name, shape, np.dtype(dtype)))
+        return indexing.MemoryCachedArray(indexing.CopyOnWriteArray(array))
+
+
+class _StoredArray(BackendArray):
+    """One variable of a :class:`_StoredFile` (bools stored as int8, as xarray stores them)."""
+
+    def __init__(self, file: _StoredFile, name: str, shape: tuple[int, ...], dtype: Any) -> None:
+        self.file, self.name, self.shape, self.dtype = file, name, shape, dtype
+
+    def __getitem__(self, key: Any) -> Any:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER_1VECTOR, self._read
+        )
+
+    def _read(self, key: tuple[Any, ...]) -> np.ndarray:
+        return self.file.read(self.name, key).astype(self.dtype, copy=False)
 
 
 def _fill(dtype: Any) -> Any:
