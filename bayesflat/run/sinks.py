@@ -51,7 +51,7 @@ _FLOAT64_GROUPS = ("sample_stats", "log_likelihood", "heldout_log_likelihood")
 _MAGIC = b"BAYESFLAT-DRAWS1"
 _APPEND_BYTES = 2**20
 """Draws a :class:`FolderSink` holds per chain before it appends them to the chain's file."""
-_READ_BYTES = 16 * 2**20
+_READ_BYTES = 4 * 2**20
 """Size of the blocks of draws read back from a draw file."""
 
 
@@ -327,7 +327,7 @@ class DrawFile:
         os.truncate(self.path, self.header_bytes + count * self.record.itemsize)
 
     def blocks(self, stop: int) -> Any:
-        """``(start, stop, arrays)`` for draws ``0..stop-1`` in blocks of about 16 MiB.
+        """``(start, stop, arrays)`` for draws ``0..stop-1`` in blocks of about 4 MiB.
 
         ``arrays`` maps group -> encoded name -> values of shape ``(block, ...)``.
         """
