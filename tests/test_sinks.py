@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import tracemalloc
 
+import h5py
 import numpy as np
 import pytest
 import xarray as xr
-from test_run import _kwargs, _model, _toy, assert_same_draws
+from test_run import _kwargs, _model, _toy, _zero, assert_same_draws
 
 import bayesflat
 from bayesflat import trace as btrace
@@ -152,3 +153,65 @@ def test_interrupted_run_leaves_readable_draw_files_and_a_partial_trace(tmp_path
     assert btrace.trace_attrs(partial)["draws_kept"] == [4, 0]
     lp = groups(partial)["sample_stats"]["lp"].values
     assert np.isfinite(lp[0, :4]).all() and np.isnan(lp[0, 4:]).all() and np.isnan(lp[1]).all()
+
+
+def _structure(path) -> dict:
+    """Every HDF5 object of a netCDF file: shape, dtype, fill value, layout and attributes,
+    references and dimension ids given as the names they point to."""
+    out = {}
+    with h5py.File(path, "r") as handle:
+        scales = {}
+
+        def ids(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.attrs.get("CLASS") == b"DIMENSION_SCALE":
+                scales[int(obj.attrs["_Netcdf4Dimid"])] = name
+
+        handle.visititems(ids)
+
+        def visit(name, obj):
+            plist = obj.id.get_create_plist()
+            entry: dict = {"kind": type(obj).__name__}
+            if isinstance(obj, h5py.Dataset):
+                entry.update(
+                    shape=obj.shape, dtype=str(obj.dtype), fill=repr(obj.fillvalue),
+                    chunks=obj.chunks, maxshape=obj.maxshape,
+                    string=repr(h5py.check_string_dtype(obj.dtype)),
+                    order=plist.get_attr_creation_order(),
+                )  # fmt: skip
+            else:
+                entry["order"] = plist.get_link_creation_order()
+            for key, value in obj.attrs.items():
+                if key == "DIMENSION_LIST":
+                    value = [handle[ref[0]].name for ref in value]
+                elif key == "REFERENCE_LIST":
+                    value = sorted((handle[ref[0]].name, int(ref[1])) for ref in value)
+                elif key == "_Netcdf4Dimid":
+                    value = (scales[int(value)], np.asarray(value).dtype.str, np.shape(value))
+                elif key == "_Netcdf4Coordinates":
+                    value = ([scales[int(i)] for i in value], value.dtype.str)
+                elif key in ("created_at", "_NCProperties"):
+                    value = type(value).__name__
+                elif isinstance(value, np.ndarray):
+                    value = (value.dtype.str, value.shape, repr(value.tolist()))
+                else:
+                    value = (type(value).__name__, repr(value))
+                entry[f"attr {key}"] = value
+            out[name] = entry
+
+        visit("/", handle)
+        handle.visititems(visit)
+    return out
+
+
+def test_trace_nc_is_laid_out_object_for_object_as_xarray_writes_it(tmp_path):
+    """The assembler writes with h5py what xarray's h5netcdf writer writes for the same trace."""
+    x, y = _toy()
+    kw = _kwargs(store_logits=True, loo_points=30, stats_fns={"probe": _zero})
+    bayesflat.sample(_model(), (x, y), output=tmp_path / "run", **kw)
+    trace = bayesflat.load(tmp_path / "run")
+    assert "constant_data" in groups(trace)
+    reference = bayesflat.save(trace, tmp_path / "reference.nc")
+    ours, theirs = _structure(tmp_path / "run" / "trace.nc"), _structure(reference)
+    assert ours.keys() == theirs.keys()
+    for name, entry in ours.items():
+        assert entry == theirs[name], name

@@ -344,7 +344,10 @@ class DrawFile:
     def _arrays(self, data: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {}
         for group, name, _, dtype, _ in self.variables:
-            out.setdefault(group, {})[name] = data[f"{group}/{name}"].astype(dtype)
+            values = data[f"{group}/{name}"]  # a view into the block, copied only by its reader
+            out.setdefault(group, {})[name] = (
+                values if values.dtype == dtype else values.astype(dtype)
+            )
         return out
 
 

@@ -12,8 +12,9 @@ number of draws.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,8 +171,9 @@ def write_concatenated(
 ) -> tuple[dict[str, xr.Dataset], dict[str, Any]]:
     """Write a trace whose draw groups are assembled from pieces, one piece in memory at once.
 
-    The file is laid out with h5netcdf in one pass (no xarray writer: it reopens the file for
-    every group), then the pieces are copied into its datasets with h5py.
+    The file is laid out with h5py in one pass, object for object as xarray's h5netcdf writer
+    lays it out (which reopens the file for every group and spends milliseconds on the
+    bookkeeping of every variable), then the pieces are copied into its draw variables.
 
     Parameters
     ----------
@@ -222,18 +224,17 @@ def write_concatenated(
     with _io.atomic_path(path) as temporary:
         with h5netcdf.File(temporary, "w") as out:
             out.attrs.update(root)
+        with h5py.File(temporary, "r+") as out:
+            ids = itertools.count()
             for group, group_labels in labels.items():
-                node = out.create_group(group)
-                node.attrs.update((group_attrs or {}).get(group, {}))
+                node = _group(out, group, (group_attrs or {}).get(group, {}))
                 for dim, values in group_labels.items():
-                    node.dimensions[dim] = len(values)
-                    _variable(node, dim, (dim,), values)
+                    _coordinate(node, dim, values, next(ids))
                 for var, (dims, dtype) in layout[group].items():
-                    _variable(node, var, dims, None, dtype)
+                    _draw_variable(node, var, dims, dtype)
             for name in schema.GROUPS:
                 if name in static:
-                    _dataset(out.create_group(name), static[name])
-        with h5py.File(temporary, "r+") as out:
+                    _dataset(_group(out, name, static[name].attrs), static[name], ids)
             for chain, chain_pieces in enumerate(pieces):
                 for start, stop, arrays in chain_pieces:
                     for group, variables in arrays.items():
@@ -259,30 +260,65 @@ def write_concatenated(
     return parts, file_root
 
 
-def _variable(
-    node: Any, name: str, dims: tuple[str, ...], values: np.ndarray | None, dtype: Any = None
-) -> None:
-    """A netCDF variable encoded as xarray encodes it: bools as int8 with ``dtype="bool"``,
-    floats with a NaN fill value, strings variable-length."""
-    dtype = np.dtype(values.dtype if values is not None else dtype)
-    if dtype.kind == "b":
-        data = None if values is None else values.astype(np.int8)
-        variable = node.create_variable(name, dims, np.int8, data=data, fillvalue=None)
-        variable.attrs["dtype"] = "bool"
-    elif dtype.kind in "UO":
-        data = None if values is None else values.astype(object)
-        node.create_variable(name, dims, h5py.string_dtype(), data=data)
-    else:
-        node.create_variable(name, dims, dtype, data=values, fillvalue=_fill(dtype))
+def _group(parent: h5py.Group, name: str, attrs: Mapping[str, Any]) -> h5py.Group:
+    """A netCDF group with attributes stored as h5netcdf stores them."""
+    node = parent.create_group(name, track_order=True)
+    h5netcdf.attrs.Attributes(node.attrs, lambda dtype: None, h5py).update(attrs)
+    return node
 
 
-def _dataset(node: Any, data: xr.Dataset) -> None:
-    """Write ``data`` (numbers and strings, no encoding) into the netCDF group ``node``."""
-    node.attrs.update(data.attrs)
-    for dim, size in data.sizes.items():
-        node.dimensions[dim] = size
-    for name, variable in data.variables.items():
-        _variable(node, str(name), tuple(map(str, variable.dims)), variable.values)
+def _coordinate(node: h5py.Group, dim: str, values: np.ndarray, dimid: int) -> None:
+    """The dimension ``dim`` of a netCDF group with its labels, as h5netcdf writes it."""
+    string = values.dtype.kind in "UO"
+    fill = None if string else _fill(values.dtype)
+    scale = node.create_dataset(
+        dim,
+        data=values.astype(object) if string else values,
+        dtype=h5py.string_dtype() if string else values.dtype,
+        fillvalue=fill,
+        track_order=True,
+    )
+    scale.make_scale(dim)
+    scale.attrs["_Netcdf4Dimid"] = np.int32(dimid)
+    scale.attrs["_Netcdf4Coordinates"] = np.array([dimid], np.int32)
+    if fill is not None:
+        scale.attrs["_FillValue"] = np.array([fill], values.dtype)
+
+
+def _draw_variable(node: h5py.Group, name: str, dims: tuple[str, ...], dtype: Any) -> None:
+    """A netCDF variable over dimensions that ``node`` already holds, made with h5py.
+
+    It is the dataset, dimension-scale links and attributes h5netcdf's ``create_variable``
+    writes (``_Netcdf4Coordinates``: the dimension ids; ``_Netcdf4Dimid``: the first one's;
+    ``_FillValue``), encoded as xarray encodes it (bools as int8 with ``dtype="bool"``).
+    """
+    dtype = np.dtype(dtype)
+    scales = [node[d] for d in dims]
+    shape = tuple(len(scale) for scale in scales)
+    boolean = dtype.kind == "b"
+    fill = None if boolean else _fill(dtype)
+    dataset = node.create_dataset(
+        name, shape, dtype=np.int8 if boolean else dtype, fillvalue=fill, track_order=True
+    )
+    for axis, scale in enumerate(scales):
+        dataset.dims[axis].attach_scale(scale)
+    ids = [int(scale.attrs["_Netcdf4Dimid"]) for scale in scales]
+    dataset.attrs["_Netcdf4Coordinates"] = np.array(ids, np.int32)
+    dataset.attrs["_Netcdf4Dimid"] = np.int32(ids[0])
+    if fill is not None:
+        dataset.attrs["_FillValue"] = np.array([fill], dtype)
+    if boolean:
+        dataset.attrs["dtype"] = "bool"
+
+
+def _dataset(node: h5py.Group, data: xr.Dataset, ids: Iterator[int]) -> None:
+    """Write ``data`` (a label for every dimension, no encoding) into the group ``node``."""
+    for dim in data.sizes:
+        _coordinate(node, str(dim), data[dim].values, next(ids))
+    for name, variable in data.data_vars.items():
+        _draw_variable(node, str(name), tuple(map(str, variable.dims)), variable.dtype)
+        values = variable.values
+        node[str(name)][...] = values.astype(np.int8) if values.dtype.kind == "b" else values
 
 
 def _attributes(node: Any) -> dict[str, Any]:
