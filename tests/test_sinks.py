@@ -215,3 +215,18 @@ def test_trace_nc_is_laid_out_object_for_object_as_xarray_writes_it(tmp_path):
     assert ours.keys() == theirs.keys()
     for name, entry in ours.items():
         assert entry == theirs[name], name
+
+
+def test_the_returned_trace_reads_subsets_and_survives_pickling(tmp_path):
+    import pickle
+
+    x, y = _toy()
+    kw = _kwargs(chains=3)
+    trace = bayesflat.sample(_model(), (x, y), output=tmp_path, **kw)
+    weights = groups(trace)["weights"]
+    name = next(iter(weights.data_vars))
+    whole = weights[name].values
+    picked = weights[name].isel(chain=[0, 2], draw=slice(3, 9, 2)).values
+    np.testing.assert_array_equal(picked, whole[[0, 2], 3:9:2])
+    copy = pickle.loads(pickle.dumps(trace))
+    assert_same_draws(trace, copy)

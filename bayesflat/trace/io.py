@@ -337,6 +337,9 @@ class _StoredFile:
         self.path = path
         self._handle: h5py.File | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_handle": None}  # a copy opens the file itself
+
     def read(self, name: str, key: tuple[Any, ...]) -> np.ndarray:
         if self._handle is None:
             self._handle = h5py.File(self.path, "r")
