@@ -250,6 +250,7 @@ class DrawFile:
         self.record = np.dtype(
             [(f"{g}/{n}", t.newbyteorder("<"), s) for g, n, _, t, s in self.variables]
         )
+        self._plan: dict[tuple[str, str], Any] | None = None
 
     @staticmethod
     def _header(chain: int, variables: Sequence[Any]) -> bytes:
@@ -295,26 +296,70 @@ class DrawFile:
         """Complete records in the file (a record cut short by a killed writer is not one)."""
         return (self.path.stat().st_size - self.header_bytes) // self.record.itemsize
 
-    def encode(self, record: Mapping[str, Mapping[str, Any]]) -> bytes:
-        """The bytes of one draw in this file's layout."""
-        out = np.zeros((), self.record)
-        encoded = _encoded(record)
-        given = {(g, n) for g, variables in encoded.items() for n in variables}
-        expected = {(g, n) for g, n, _, _, _ in self.variables}
-        if given != expected:
-            raise ValueError(
-                f"a draw with variables {sorted(given ^ expected)} differs from the earlier "
-                f"draws in {self.path}"
-            )
-        for group, name, _, _, shape in self.variables:
-            values = encoded[group][name][1][0, 0]
-            if values.shape != shape:
-                raise ValueError(
-                    f"{group}[{name!r}] has shape {values.shape} at one draw and {shape} at "
-                    f"the earlier draws in {self.path}"
-                )
-            out[f"{group}/{name}"] = values
-        return out.tobytes()
+    def encode(
+        self, record: Mapping[str, Mapping[str, Any]], out: np.ndarray | None = None
+    ) -> bytes:
+        """The bytes of one draw in this file's layout (written into ``out``, one record, if
+        given; then nothing is returned).
+
+        Values are stored as :func:`bayesflat.trace.schema.draw_variables` stores them; the
+        first draw goes through it, later ones through the plan made from the first.
+        """
+        target = np.empty(1, self.record) if out is None else out
+        if self._plan is None:
+            self._plan = self._make_plan(record)
+        count = 0
+        for group, variables in record.items():
+            if group not in schema.DRAW_GROUPS:
+                continue
+            for key, value in variables.items():
+                entry = self._plan.get((group, key))
+                if entry is None:
+                    raise self._differs(record)
+                field, flag, shape = entry
+                value = schema.to_numpy(value)
+                if value.shape != shape:
+                    raise ValueError(
+                        f"{group}[{key!r}] has shape {value.shape} at one draw and {shape} at "
+                        f"the earlier draws in {self.path}"
+                    )
+                if value.dtype.kind not in "fiub":
+                    raise TypeError(f"{group}[{key!r}] has dtype {value.dtype}; expected float")
+                if flag and value.dtype.kind == "f":
+                    value = np.nan_to_num(value) > 0.5  # as draw_variables stores flags
+                target[field] = value
+                count += 1
+        if count != len(self._plan):
+            raise self._differs(record)
+        return target.tobytes() if out is None else b""
+
+    def _make_plan(self, record: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
+        """``(group, key) -> (field, stored as a flag, shape)`` for the variables of ``record``."""
+        shapes = {(g, n): s for g, n, _, _, s in self.variables}
+        plan = {}
+        for group, encoded in _encoded(record).items():
+            for key in record[group]:
+                name = schema.encode_name(key)
+                if (group, name) not in shapes or encoded[name][1].shape[2:] != shapes[group, name]:
+                    raise self._differs(record)
+                flag = group == "sample_stats" and name in schema.BOOL_STATS
+                plan[group, key] = (f"{group}/{name}", flag, shapes[group, name])
+        if len(plan) != len(shapes):
+            raise self._differs(record)
+        return plan
+
+    def _differs(self, record: Mapping[str, Mapping[str, Any]]) -> ValueError:
+        given = {
+            (g, schema.encode_name(k), np.shape(v))
+            for g, vs in record.items()
+            if g in schema.DRAW_GROUPS
+            for k, v in vs.items()
+        }
+        expected = {(g, n, s) for g, n, _, _, s in self.variables}
+        return ValueError(
+            f"a draw with variables {sorted(given ^ expected)} (group, name, shape) differs "
+            f"from the earlier draws in {self.path}"
+        )
 
     def truncate(self, count: int) -> None:
         """Keep the first ``count`` draws."""
@@ -366,9 +411,10 @@ def _encoded(record: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any
 class FolderSink:
     """Writes every chain's draws into a run folder as they are kept.
 
-    Each draw is encoded at once and appended to the chain's :class:`DrawFile` whenever more
-    than 1 MiB waits, and at every :meth:`flush` (the run engine flushes before every
-    checkpoint), so at most 1 MiB of draws per chain is ever held in memory.
+    Each draw is encoded at once into the chain's buffer of 1 MiB of records, which is
+    appended to the chain's :class:`DrawFile` when full and at every :meth:`flush` (the run
+    engine flushes before every checkpoint), so at most 1 MiB of draws per chain is ever held
+    in memory.
     """
 
     def __init__(
@@ -378,7 +424,8 @@ class FolderSink:
         self.chains, self.draws = chains, draws
         self.coords = dict(coords)
         self._files: dict[int, DrawFile | None] = {}
-        self._pending: dict[int, bytearray] = {}
+        self._buffers: dict[int, np.ndarray] = {}
+        self._waiting: dict[int, int] = {}
         self._kept: dict[int, int] = {}
 
     def begin(self, chain: int, kept: int) -> None:
@@ -397,7 +444,8 @@ class FolderSink:
             draws = DrawFile(path)
             draws.truncate(kept)
         self._files[chain] = draws
-        self._pending[chain] = bytearray()
+        self._buffers.pop(chain, None)
+        self._waiting[chain] = 0
         self._kept[chain] = kept
 
     def write(self, chain: int, draw: int, record: Mapping[str, Mapping[str, np.ndarray]]) -> None:
@@ -410,14 +458,21 @@ class FolderSink:
             draws = self._files[chain] = DrawFile.create(
                 self.folder.draws_path(chain), chain, record
             )
-        self._pending[chain] += draws.encode(record)
+        buffer = self._buffers.get(chain)
+        if buffer is None:
+            size = max(1, _APPEND_BYTES // max(1, draws.record.itemsize))
+            buffer = self._buffers[chain] = np.empty(size, draws.record)
+        waiting = self._waiting[chain]
+        draws.encode(record, buffer[waiting : waiting + 1])
+        self._waiting[chain] = waiting + 1
         self._kept[chain] = draw + 1
-        if len(self._pending[chain]) > _APPEND_BYTES:
+        if waiting + 1 == len(buffer):
             self.flush(chain)
 
     def pending_bytes(self, chain: int) -> int:
-        """Bytes of ``chain`` not yet handed to the file (at most about 1 MiB)."""
-        return len(self._pending.get(chain, b""))
+        """Bytes of ``chain`` not yet handed to the file (at most 1 MiB or one draw)."""
+        buffer = self._buffers.get(chain)
+        return 0 if buffer is None else self._waiting[chain] * buffer.itemsize
 
     def kept(self, chain: int) -> int:
         """Draws of ``chain`` written (appended or waiting)."""
@@ -425,18 +480,18 @@ class FolderSink:
 
     def flush(self, chain: int) -> None:
         """Append the waiting draws of ``chain`` to its file."""
-        pending = self._pending.get(chain)
-        if not pending:
+        waiting = self._waiting.get(chain, 0)
+        if not waiting:
             return
         draws = self._files[chain]
         assert draws is not None
         with open(draws.path, "ab") as handle:
-            handle.write(pending)
-        pending.clear()
+            handle.write(self._buffers[chain][:waiting].data)
+        self._waiting[chain] = 0
 
     def finish(self, static: Static, *, complete: bool, reason: str = "") -> Any:
         """Assemble ``trace.nc`` from the draw files (complete runs) and return the trace."""
-        for chain in list(self._pending):
+        for chain in list(self._waiting):
             self.flush(chain)
         kept = [self.kept(c) for c in range(self.chains)]
         if complete:
