@@ -531,10 +531,15 @@ def report_command(args: argparse.Namespace) -> int:
     """Write ``metrics.json`` and ``report.html`` for a saved trace."""
     report_options = _report_options(args)
     path = _trace_path(args.trace)
+    import torch
+
     from bayesflat import trace as btrace
     from bayesflat.report import build_report
 
-    report = build_report(btrace.load(path), **report_options)
+    # the report's torch work (softmax of stored logits) is elementwise on slabs of draws:
+    # more threads than one only add synchronisation, as for `bayesflat run` by default
+    torch.set_num_threads(1)
+    report = build_report(btrace.load(path, lazy=True), **report_options)
     paths = report.save(args.output or path.parent)
     args.payload = headline_json(report.summary, list(paths.values()))
     print(report.headline())

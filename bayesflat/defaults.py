@@ -106,7 +106,9 @@ def sample_defaults(defaults: RunDefaults = DEFAULTS) -> dict[str, Any]:
     return {keyword: values[field] for field, keyword in SAMPLE_ARGUMENTS.items()}
 
 
-def resolve_temperature(temperature: float | None, is_sampler: bool) -> float | None:
+def resolve_temperature(
+    temperature: float | None, is_sampler: bool, *, states_posterior: bool = False
+) -> float | None:
     """The temperature of a run: ``temperature`` if given, else the default of its kind.
 
     Parameters
@@ -115,13 +117,20 @@ def resolve_temperature(temperature: float | None, is_sampler: bool) -> float | 
         ``T`` as given by the user; ``None`` asks for the default.
     is_sampler : bool
         Whether the method samples (``True``) or optimises (registry ``is_sampler``).
+    states_posterior : bool, default False
+        Whether the target states its own prior and likelihood (a Pyro model): the run
+        default ``DEFAULTS.temperature`` belongs to the default network and its prior, and
+        sampling anything but the posterior such a model states would need asking for.
 
     Returns
     -------
     float
-        ``temperature`` when not ``None``; otherwise ``DEFAULTS.temperature`` for a sampler
-        and ``0`` for an optimiser (its noise-free limit, DESIGN.md section 1).
+        ``temperature`` when not ``None``; otherwise ``1`` for a sampler of a target that
+        states its posterior, ``DEFAULTS.temperature`` for any other sampler and ``0`` for an
+        optimiser (its noise-free limit, DESIGN.md section 1).
     """
     if temperature is not None:
         return temperature
-    return DEFAULTS.temperature if is_sampler else 0.0
+    if not is_sampler:
+        return 0.0
+    return 1.0 if states_posterior else DEFAULTS.temperature

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ import numpy as np
 from bayesflat import metrics
 from bayesflat import trace as _trace
 from bayesflat._checks import check_choice
+from bayesflat._draws import DrawReducer, DrawSums
 from bayesflat.metrics._validation import check_probs
 
 __all__ = [
@@ -56,6 +57,16 @@ __all__ = [
     "estimate",
     "eval_sets",
     "from_trace",
+    "StoredEnsemble",
+    "calibration_fn",
+    "estimate_prefix",
+    "estimate_sums",
+    "feature_slabs",
+    "nest_scores",
+    "nll_per_draw_of",
+    "ood_fn",
+    "scores_of",
+    "set_features",
     "stored_probabilities",
     "ood_detection",
     "ood_scores",
@@ -442,7 +453,8 @@ def from_trace(trace: Any, name: str = "test") -> Ensemble:
     """The stored predictions of one evaluation set as an :class:`Ensemble`.
 
     A trace of a run that stopped early keeps the chains with at least one draw, cut to the
-    draw count of the shortest of them.
+    draw count of the shortest of them. For traces larger than memory, :class:`StoredEnsemble`
+    reads the same predictions slab by slab.
 
     Parameters
     ----------
@@ -456,24 +468,157 @@ def from_trace(trace: Any, name: str = "test") -> Ensemble:
     -------
     Ensemble
     """
-    sets = eval_sets(trace)
-    if name not in sets:
-        raise ValueError(
-            f"the trace has no predictions for the evaluation set {name!r}; it holds {list(sets)}"
+    return StoredEnsemble(trace, name).load()
+
+
+class StoredEnsemble:
+    """The predictions of one evaluation set of a trace, read slab by slab of draws.
+
+    The lazy counterpart of :func:`from_trace`: the same chains and draws, labels and
+    probabilities (the softmax of stored logits when the trace keeps logits only), but nothing
+    is read until :meth:`read` asks for a range of draws. With a lazily opened trace
+    (``bayesflat.load(path, lazy=True)``, or what ``bayesflat.sample(..., output=DIR)``
+    returns) the memory an estimate needs then does not grow with the number of draws.
+
+    Parameters
+    ----------
+    trace : arviz.InferenceData or xarray.DataTree
+    name : str, default "test"
+        Evaluation set.
+    """
+
+    def __init__(self, trace: Any, name: str = "test") -> None:
+        sets = eval_sets(trace)
+        if name not in sets:
+            raise ValueError(
+                f"the trace has no predictions for the evaluation set {name!r}; it holds "
+                f"{list(sets)}"
+            )
+        predictions = _trace.get_group(trace, "predictions")
+        var = _trace.encode_name(name)
+        probs_var, logits_var = _stored_sets(predictions, _trace.trace_attrs(trace))[var]
+        self.name = name
+        self._probs = predictions[probs_var].transpose("chain", "draw", ...)
+        self._logits = (
+            None if logits_var is None else predictions[logits_var].transpose("chain", "draw", ...)
         )
-    predictions = _trace.get_group(trace, "predictions")
-    var = _trace.encode_name(name)
-    probs_var, logits_var = _stored_sets(predictions, _trace.trace_attrs(trace))[var]
-    stored = predictions[probs_var].values
-    chains, n_draws = _kept_draws(trace, *stored.shape[:2])
-    logits = None
-    if logits_var is not None:
-        logits = predictions[logits_var].values[chains, :n_draws]
-    probs = _softmax(logits) if probs_var == logits_var else stored[chains, :n_draws]
-    labels = None
-    if sets[name]:
-        labels = _trace.get_group(trace, "observed_data")[var].values
-    return Ensemble(probs, labels, logits, name)
+        self._softmax = probs_var == logits_var
+        kept, self._draws = _kept_draws(trace, *self._probs.shape[:2])
+        self._chains: Any = slice(None) if kept == list(range(self._probs.shape[0])) else kept
+        self._n_chains = len(kept)
+        self.labels = None
+        if sets[name]:
+            labels = np.asarray(_trace.get_group(trace, "observed_data")[var].values)
+            self.labels = labels.astype(np.intp, copy=False)
+
+    @property
+    def chains(self) -> int:
+        """Number of chains C."""
+        return self._n_chains
+
+    @property
+    def draws(self) -> int:
+        """Draws per chain D."""
+        return self._draws
+
+    @property
+    def size(self) -> int:
+        """Number of inputs n."""
+        return int(self._probs.shape[2])
+
+    @property
+    def classes(self) -> int:
+        """Number of classes K."""
+        return int(self._probs.shape[3])
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether the trace holds the logits of this set."""
+        return self._logits is not None
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and logits (or None) of draws ``start .. stop - 1`` of every chain,
+        each ``(C, stop - start, n, K)``."""
+        where = {"chain": self._chains, "draw": slice(start, stop)}
+        logits = None if self._logits is None else np.asarray(self._logits[where].values)
+        probs = _softmax(logits) if self._softmax else np.asarray(self._probs[where].values)
+        return probs, logits
+
+    def load(self) -> Ensemble:
+        """Every draw in memory, as an :class:`Ensemble`."""
+        probs, logits = self.read(0, self.draws)
+        return Ensemble(probs, self.labels, logits, self.name)
+
+    def __repr__(self) -> str:
+        labelled = "labelled" if self.labels is not None else "unlabelled"
+        return (
+            f"StoredEnsemble({self.name!r}: {self.chains} chains x {self.draws} draws, "
+            f"{self.size} inputs, {self.classes} classes, {labelled})"
+        )
+
+
+def feature_slabs(
+    sources: Mapping[str, Any],
+    kinds: Mapping[str, Sequence[str]],
+    *,
+    chunk_bytes: int | None = None,
+) -> Iterator[dict[tuple[str, str], np.ndarray]]:
+    """Per-draw features of several sets of the same draws, slab by slab of draws.
+
+    Parameters
+    ----------
+    sources : mapping of str to StoredEnsemble or Ensemble
+        Sets sharing ``(chains, draws)``, keyed by the name their features get.
+    kinds : mapping of str to sequence of str
+        Features of each set (:func:`set_features`).
+    chunk_bytes : int, optional
+        Bound on the float64 features of one slab (default
+        :data:`bayesflat.trace.build.CHUNK_BYTES`).
+
+    Yields
+    ------
+    dict
+        ``{(key, kind): array (C, d, ...)}`` for the next ``d`` draws.
+    """
+    first = next(iter(sources.values()))
+    n_chains, n_draws = first.chains, first.draws
+    for key, src in sources.items():
+        if (src.chains, src.draws) != (n_chains, n_draws):
+            raise ValueError(
+                f"set {key!r} has {src.chains} chains x {src.draws} draws but "
+                f"{next(iter(sources))!r} has {n_chains} x {n_draws}; both must come from the "
+                "same draws"
+            )
+    per_draw = sum(
+        n_chains * src.size * (src.probs.shape[3] if isinstance(src, Ensemble) else src.classes)
+        * (1 + sum(k in ("probs", "votes") for k in kinds[key]))
+        for key, src in sources.items()
+    )  # fmt: skip
+    step = _slab_draws(per_draw, chunk_bytes)
+    for d0 in range(0, n_draws, step):
+        slab: dict[tuple[str, str], np.ndarray] = {}
+        for key, src in sources.items():
+            probs, logits = _read(src, d0, min(n_draws, d0 + step))
+            slab.update(set_features(key, probs, logits, kinds[key]))
+        yield slab
+
+
+def _read(src: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(src, Ensemble):
+        logits = None if src.logits is None else src.logits[:, start:stop]
+        return src.probs[:, start:stop], logits
+    return src.read(start, stop)
+
+
+def nll_per_draw_of(src: Any, *, chunk_bytes: int | None = None) -> np.ndarray:
+    """Test NLL of each draw of a labelled set, ``(chain, draw)`` nats per example, read slab
+    by slab (:func:`bayesflat.diagnostics.convergence.nll_per_draw`)."""
+    from bayesflat.diagnostics.convergence import nll_per_draw
+
+    parts = [nll_per_draw(slab[src.name, "probs"], src.labels)
+             for slab in feature_slabs({src.name: src}, {src.name: ("probs",)},
+                                       chunk_bytes=chunk_bytes)]  # fmt: skip
+    return np.concatenate(parts, axis=1)
 
 
 def state_dict_at(trace: Any, chain: int, draw: int) -> dict[str, Any]:
@@ -704,7 +849,7 @@ def estimate(
             f"n_boot must be <= {MAX_REPLICATES} (the Monte-Carlo error of an error bar from "
             f"{MAX_REPLICATES} replicates is already below 1%), got {n_boot!r}"
         )
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}
+    arrays = {k: np.asarray(v) for k, v in features.items()}
     if not arrays:
         raise ValueError("features is empty; pass at least one per-draw array")
     lead = next(iter(arrays.values())).shape[:2]
@@ -715,34 +860,100 @@ def estimate(
                 f"the (chain, draw) shape {lead}"
             )
     n_chains, n_draws = lead
+    reducer = _reducer(n_chains, n_draws, ensemble, method, n_boot, seed, batch_size)
+    step = _slab_draws(sum(v[:, :1].size for v in arrays.values()))
+    for d0 in range(0, n_draws, step):
+        reducer.add({k: v[:, d0 : d0 + step] for k, v in arrays.items()})
+    return estimate_sums(reducer.result(), fn, ensemble=ensemble, method=method, n_boot=n_boot,
+                         seed=seed)  # fmt: skip
 
-    def evaluate(avg: dict[str, np.ndarray]) -> dict[str, float]:
+
+def _slab_draws(values_per_draw: int, chunk_bytes: int | None = None) -> int:
+    """Draws per slab so that a slab of float64 features fits in ``chunk_bytes`` (default
+    :data:`bayesflat.trace.build.CHUNK_BYTES`)."""
+    if chunk_bytes is None:
+        chunk_bytes = _trace.build.CHUNK_BYTES
+    return max(1, chunk_bytes // max(1, 8 * values_per_draw))
+
+
+def _check_batch_size(batch_size: Any, n_draws: int) -> int:
+    length = math.isqrt(n_draws) if batch_size is None else batch_size
+    if isinstance(length, bool) or not isinstance(length, int | np.integer):
+        raise TypeError(f"batch_size must be an integer or None, got {batch_size!r}")
+    if not 1 <= length <= n_draws:
+        raise ValueError(f"batch_size must be in [1, {n_draws}] (draws per chain), got {length}")
+    return int(length)
+
+
+def _boot_weights(n_boot: int, seed: int, n_chains: int, n_draws: int) -> np.ndarray:
+    """Replicate weights: whole chains resampled (``(R, C)`` counts), or with one chain its
+    draws (``(R, 1, D)``); the multinomial draws of :func:`bayesflat.metrics.bootstrap_metric`,
+    in the same order."""
+    rng = np.random.default_rng(seed)
+    if n_chains >= 2:
+        return np.stack([rng.multinomial(n_chains, np.full(n_chains, 1 / n_chains))
+                         for _ in range(n_boot)]).astype(np.float64)  # fmt: skip
+    rows = [rng.multinomial(n_draws, np.full(n_draws, 1 / n_draws), size=1).ravel()
+            for _ in range(n_boot)]  # fmt: skip
+    return np.stack(rows).astype(np.float64)[:, None, :]
+
+
+def _reducer(
+    n_chains: int, n_draws: int, ensemble: str, method: str, n_boot: int, seed: int,
+    batch_size: int | None, *, points: Sequence[int] = (), point_keys: Any = None,
+) -> DrawReducer:  # fmt: skip
+    """A reducer keeping what :func:`estimate_sums` needs for ``ensemble`` and ``method``."""
+    length = None
+    weights = None
+    if ensemble == "bma" and method == "batch":
+        length = _check_batch_size(batch_size, n_draws)
+    if ensemble == "bma" and method == "bootstrap" and n_chains == 1:
+        weights = _boot_weights(n_boot, seed, n_chains, n_draws)
+    return DrawReducer(n_chains, n_draws, batch_length=length, boot_weights=weights,
+                       points=points, point_keys=point_keys)  # fmt: skip
+
+
+def estimate_sums(
+    sums: DrawSums,
+    fn: Callable[[dict[Any, np.ndarray]], Mapping[str, float]],
+    *,
+    ensemble: str = "bma",
+    method: str = "batch",
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, Estimate]:
+    """:func:`estimate` from the sums a :class:`bayesflat._draws.DrawReducer` accumulated.
+
+    The reducer must have kept what ``ensemble`` and ``method`` need (batch sums of the batch
+    length for ``"batch"``, bootstrap weights for ``"bootstrap"`` with one chain); the numbers
+    are those of :func:`estimate` on the same draws.
+    """
+
+    def evaluate(avg: dict[Any, np.ndarray]) -> dict[str, float]:
         return {k: float(v) for k, v in fn(avg).items()}
 
+    n_chains, n_draws = sums.chains, sums.draws
     if ensemble == "final":
-        per_chain = [evaluate({k: v[c, -1] for k, v in arrays.items()}) for c in range(n_chains)]
-        return _mean_and_se(per_chain)
-    value = evaluate({k: v.mean(axis=(0, 1)) for k, v in arrays.items()})
+        return _mean_and_se(
+            [evaluate({k: v[c] for k, v in sums.last.items()}) for c in range(n_chains)]
+        )
+    value = evaluate(sums.total())
     if method == "batch":
-        return _batch_jackknife(arrays, evaluate, value, batch_size)
+        return _batch_jackknife(sums, evaluate, value)
     if method == "spread":
         per_chain = [
-            evaluate({k: v[c].mean(axis=0) for k, v in arrays.items()}) for c in range(n_chains)
+            evaluate({k: v[c] / n_draws for k, v in sums.chain.items()}) for c in range(n_chains)
         ]
         errors = _mean_and_se(per_chain)
         return {k: Estimate(v, errors[k].mc_error) for k, v in value.items()}
-    flat = {k: v.reshape(n_chains * n_draws, -1) for k, v in arrays.items()}
-    shapes = {k: v.shape[2:] for k, v in arrays.items()}
-    rng = np.random.default_rng(seed)
+    if n_chains >= 2:
+        counts = _boot_weights(n_boot, seed, n_chains, n_draws)
+        replicate_sums = {k: np.tensordot(counts, v, axes=1) for k, v in sums.chain.items()}
+    else:
+        replicate_sums = sums.boot
     replicates: dict[str, list[float]] = {k: [] for k in value}
-    for _ in range(n_boot):
-        # The multinomial draws of bayesflat.metrics.bootstrap_metric, in the same order.
-        if n_chains >= 2:
-            counts = rng.multinomial(n_chains, np.full(n_chains, 1 / n_chains))
-            weights = np.repeat(counts, n_draws)
-        else:
-            weights = rng.multinomial(n_draws, np.full(n_draws, 1 / n_draws), size=1).ravel()
-        avg = {k: (weights @ f / weights.size).reshape(shapes[k]) for k, f in flat.items()}
+    for r in range(n_boot):
+        avg = {k: v[r] / (n_chains * n_draws) for k, v in replicate_sums.items()}
         for key, metric in evaluate(avg).items():
             replicates[key].append(metric)
     return {
@@ -750,36 +961,45 @@ def estimate(
     }
 
 
+def estimate_prefix(
+    sums: DrawSums,
+    draws: int,
+    fn: Callable[[dict[Any, np.ndarray]], Mapping[str, float]],
+    *,
+    ensemble: str = "bma",
+) -> dict[str, Estimate]:
+    """:func:`estimate` with ``method="spread"`` on the first ``draws`` draws of every chain,
+    from the prefix sums a reducer kept at that draw count."""
+
+    def evaluate(avg: dict[Any, np.ndarray]) -> dict[str, float]:
+        return {k: float(v) for k, v in fn(avg).items()}
+
+    n_chains = sums.chains
+    if ensemble == "final":
+        at = sums.at[draws]
+        return _mean_and_se([evaluate({k: v[c] for k, v in at.items()}) for c in range(n_chains)])
+    prefix = sums.prefix[draws]
+    value = evaluate({k: v.sum(axis=0) / (n_chains * draws) for k, v in prefix.items()})
+    per_chain = [evaluate({k: v[c] / draws for k, v in prefix.items()}) for c in range(n_chains)]
+    errors = _mean_and_se(per_chain)
+    return {k: Estimate(v, errors[k].mc_error) for k, v in value.items()}
+
+
 def _batch_jackknife(
-    arrays: Mapping[str, np.ndarray],
-    evaluate: Callable[[dict[str, np.ndarray]], dict[str, float]],
+    sums: DrawSums,
+    evaluate: Callable[[dict[Any, np.ndarray]], dict[str, float]],
     value: Mapping[str, float],
-    batch_size: int | None,
 ) -> dict[str, Estimate]:
     """Delete-one-batch jackknife over batches of consecutive draws (see :func:`estimate`)."""
-    n_chains, n_draws = next(iter(arrays.values())).shape[:2]
-    length = math.isqrt(n_draws) if batch_size is None else batch_size
-    if isinstance(length, bool) or not isinstance(length, int | np.integer):
-        raise TypeError(f"batch_size must be an integer or None, got {batch_size!r}")
-    if not 1 <= length <= n_draws:
-        raise ValueError(f"batch_size must be in [1, {n_draws}] (draws per chain), got {length}")
-    per_chain = n_draws // length
-    n_batches = n_chains * per_chain
-    if n_batches < 2:
+    if not sums.batch_length:
         return {k: Estimate(v, None) for k, v in value.items()}
-    used = per_chain * length
-    sums = {
-        k: v[:, n_draws - used :]
-        .reshape(n_chains, per_chain, length, *v.shape[2:])
-        .sum(axis=2)
-        .reshape(n_batches, *v.shape[2:])
-        for k, v in arrays.items()
-    }
-    totals = {k: v.sum(axis=0) for k, v in sums.items()}
-    rest = n_chains * used - length
+    length = sums.batch_length
+    n_batches = next(iter(sums.batch.values())).shape[0]
+    totals = {k: v.sum(axis=0) for k, v in sums.batch.items()}
+    rest = n_batches * length - length
     replicates: dict[str, list[float]] = {k: [] for k in value}
     for b in range(n_batches):
-        metrics_b = evaluate({k: (totals[k] - sums[k][b]) / rest for k in sums})
+        metrics_b = evaluate({k: (totals[k] - sums.batch[k][b]) / rest for k in sums.batch})
         for key, metric in metrics_b.items():
             replicates[key].append(metric)
     out = {}
@@ -902,7 +1122,7 @@ def calibration(
         ``temperature`` and ``scaled_<metric>`` for each of them.
     """
     test = _check_labelled(test, "test")
-    features = {"test": test.probs}
+    sources = {"test": test}
     if val is not None:
         val = _check_labelled(val, "val")
         if val.probs.shape[:2] != test.probs.shape[:2]:
@@ -910,23 +1130,35 @@ def calibration(
                 f"val has {val.probs.shape[:2]} (chain, draw) but test has "
                 f"{test.probs.shape[:2]}; both must come from the same draws"
             )
-        features["val"] = val.probs
+        sources["val"] = val
+    fn = calibration_fn(test.labels, "test", None if val is None else (val.labels, "val"), n_bins)
+    features: dict[Any, np.ndarray] = {}
+    for role, ens in sources.items():
+        features.update(set_features(role, ens.probs, None, ("probs",)))
+    return estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed,
+                    batch_size=batch_size)  # fmt: skip
 
-    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
-        p = _renormalise(avg["test"])
-        out = _calibration_scalars(p, test.labels, n_bins)
+
+def calibration_fn(
+    labels: np.ndarray, key: str, val: tuple[np.ndarray, str] | None, n_bins: int
+) -> Callable[[Mapping[Any, np.ndarray]], dict[str, float]]:
+    """The metric function of :func:`calibration` on averaged features (see :func:`estimate`):
+    the BMA of set ``key``, and with ``val = (labels, key)`` its temperature-scaled version."""
+
+    def fn(avg: Mapping[Any, np.ndarray]) -> dict[str, float]:
+        p = _renormalise(avg[key, "probs"])
+        out = _calibration_scalars(p, labels, n_bins)
         if val is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                t = metrics.fit_temperature(_log(_renormalise(avg["val"])), val.labels)
+                t = metrics.fit_temperature(_log(_renormalise(avg[val[1], "probs"])), val[0])
             scaled = metrics.apply_temperature(_log(p), t)
             out["temperature"] = t
-            for key, v in _calibration_scalars(scaled, test.labels, n_bins).items():
-                out[f"scaled_{key}"] = v
+            for name, v in _calibration_scalars(scaled, labels, n_bins).items():
+                out[f"scaled_{name}"] = v
         return out
 
-    return estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed,
-                    batch_size=batch_size)  # fmt: skip
+    return fn
 
 
 def _calibration_scalars(p: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
@@ -943,30 +1175,83 @@ OOD_SCORES = ("max_softmax", "entropy", "mutual_information", "energy")
 """OOD scores of :func:`ood_scores`, each OOD-positive."""
 
 
-def _score_features(ens: Ensemble) -> dict[str, np.ndarray]:
-    c, d, n, k = ens.probs.shape
-    out = {
-        "probs": ens.probs,
-        "entropy": metrics.entropy_score(ens.probs.reshape(-1, k)).reshape(c, d, n),
-    }
-    if ens.logits is not None:
-        out["energy"] = metrics.energy_score(ens.logits.reshape(-1, k)).reshape(c, d, n)
+FEATURES = ("probs", "entropy", "votes", "energy")
+"""Per-draw features :func:`set_features` computes."""
+
+
+def set_features(
+    key: str, probs: np.ndarray, logits: np.ndarray | None, kinds: Sequence[str]
+) -> dict[tuple[str, str], np.ndarray]:
+    r"""Per-draw features of one input set, keyed ``(key, kind)``.
+
+    ``probs`` :math:`p^{(s)}`; ``entropy`` :math:`H[p^{(s)}]` (nats); ``votes`` the one-hot
+    class each draw predicts; ``energy`` :math:`-\log\sum_k e^{z^{(s)}_k}` (only with logits).
+
+    Parameters
+    ----------
+    key : str
+        Name under which the features are keyed.
+    probs : ndarray, shape (chain, draw, n, K)
+    logits : ndarray of the same shape, or None
+    kinds : sequence of str
+        Features to compute, from :data:`FEATURES`.
+    """
+    c, d, n, k = probs.shape
+    out: dict[tuple[str, str], np.ndarray] = {}
+    if "probs" in kinds:
+        out[key, "probs"] = probs
+    if "entropy" in kinds:
+        out[key, "entropy"] = metrics.entropy_score(probs.reshape(-1, k)).reshape(c, d, n)
+    if "votes" in kinds:
+        votes = np.zeros(probs.shape, dtype=np.float32)
+        np.put_along_axis(votes, probs.argmax(axis=-1)[..., None], 1.0, axis=-1)
+        out[key, "votes"] = votes
+    if "energy" in kinds and logits is not None:
+        out[key, "energy"] = metrics.energy_score(logits.reshape(-1, k)).reshape(c, d, n)
     return out
 
 
-def _scores_of(avg: Mapping[str, np.ndarray], members: int) -> dict[str, np.ndarray]:
+def scores_of(avg: Mapping[Any, np.ndarray], key: str, members: int) -> dict[str, np.ndarray]:
+    """OOD scores of set ``key`` from its averaged features (see :func:`ood_scores`)."""
     # Entropy and confidence of the same BMA as ``Ensemble.mean``: float32 members sum to one
     # only to ~1e-7, which moves the entropy by as much and can reorder near-tied inputs. The
     # mutual information keeps the raw average, as :func:`metrics.mutual_information_score`
     # does, so both of its terms carry the same rounding.
-    p = _renormalise(avg["probs"])
+    p = _renormalise(avg[key, "probs"])
     scores = {"max_softmax": metrics.max_softmax_score(p), "entropy": metrics.entropy_score(p)}
     if members > 1:
-        total = metrics.entropy_score(avg["probs"])
-        scores["mutual_information"] = np.maximum(total - avg["entropy"], 0.0)
-    if "energy" in avg:
-        scores["energy"] = avg["energy"]
+        total = metrics.entropy_score(avg[key, "probs"])
+        scores["mutual_information"] = np.maximum(total - avg[key, "entropy"], 0.0)
+    if (key, "energy") in avg:
+        scores["energy"] = avg[key, "energy"]
     return scores
+
+
+def ood_fn(
+    key_in: str, key_out: str, members: int
+) -> Callable[[Mapping[Any, np.ndarray]], dict[str, float]]:
+    """The metric function of :func:`ood_detection`: ``"<score>.<metric>"`` for every score
+    both sets have."""
+
+    def fn(avg: Mapping[Any, np.ndarray]) -> dict[str, float]:
+        s_in, s_out = scores_of(avg, key_in, members), scores_of(avg, key_out, members)
+        return {
+            f"{score}.{metric}": value
+            for score in s_in
+            if score in s_out
+            for metric, value in metrics.ood_summary(s_in[score], s_out[score]).items()
+        }
+
+    return fn
+
+
+def nest_scores(flat: Mapping[str, Estimate]) -> dict[str, dict[str, Estimate]]:
+    """``{"<score>.<metric>": e}`` as ``{score: {metric: e}}``."""
+    out: dict[str, dict[str, Estimate]] = {}
+    for key, value in flat.items():
+        score, metric = key.split(".")
+        out.setdefault(score, {})[metric] = value
+    return out
 
 
 def ood_scores(ens: Ensemble) -> dict[str, np.ndarray]:
@@ -991,9 +1276,9 @@ def ood_scores(ens: Ensemble) -> dict[str, np.ndarray]:
     """
     if not isinstance(ens, Ensemble):
         raise TypeError(f"ens must be an Ensemble, got {type(ens).__name__}")
-    feats = _score_features(ens)
+    feats = set_features("set", ens.probs, ens.logits, ("probs", "entropy", "energy"))
     avg = {k: v.astype(np.float64).mean(axis=(0, 1)) for k, v in feats.items()}
-    return _scores_of(avg, ens.chains * ens.draws)
+    return scores_of(avg, "set", ens.chains * ens.draws)
 
 
 def ood_detection(
@@ -1036,25 +1321,13 @@ def ood_detection(
             f"ens_in has {ens_in.probs.shape[:2]} (chain, draw) but ens_out has "
             f"{ens_out.probs.shape[:2]}; both must come from the same draws"
         )
-    feats_in, feats_out = _score_features(ens_in), _score_features(ens_out)
-    common = [k for k in feats_in if k in feats_out]
-    features = {f"in_{k}": feats_in[k] for k in common}
-    features.update({f"out_{k}": feats_out[k] for k in common})
+    kinds = ("probs", "entropy", "energy") if ens_in.logits is not None and \
+        ens_out.logits is not None else ("probs", "entropy")  # fmt: skip
+    features = {
+        **set_features("in", ens_in.probs, ens_in.logits, kinds),
+        **set_features("out", ens_out.probs, ens_out.logits, kinds),
+    }
     members = 1 if ensemble == "final" else ens_in.chains * ens_in.draws
-
-    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
-        s_in = _scores_of({k: avg[f"in_{k}"] for k in common}, members)
-        s_out = _scores_of({k: avg[f"out_{k}"] for k in common}, members)
-        return {
-            f"{score}.{metric}": value
-            for score in s_in
-            for metric, value in metrics.ood_summary(s_in[score], s_out[score]).items()
-        }
-
-    flat = estimate(features, fn, ensemble=ensemble, method=method, n_boot=n_boot, seed=seed,
-                    batch_size=batch_size)  # fmt: skip
-    out: dict[str, dict[str, Estimate]] = {}
-    for key, value in flat.items():
-        score, metric = key.split(".")
-        out.setdefault(score, {})[metric] = value
-    return out
+    flat = estimate(features, ood_fn("in", "out", members), ensemble=ensemble, method=method,
+                    n_boot=n_boot, seed=seed, batch_size=batch_size)  # fmt: skip
+    return nest_scores(flat)

@@ -26,6 +26,7 @@ import html
 import io
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,10 @@ import numpy as np
 
 from bayesflat import _io, metrics, predictive
 from bayesflat import trace as _trace
+from bayesflat._draws import DrawSums
 from bayesflat.diagnostics.report import diagnose
 from bayesflat.diagnostics.verdict import trace_verdict, verdict_html, verdict_text
-from bayesflat.predictive import Ensemble, Estimate
+from bayesflat.predictive import Estimate
 
 __all__ = [
     "FORMAT",
@@ -215,14 +217,19 @@ def build_report(
         if name not in sets:
             raise ValueError(f"ood set {name!r} is not in the trace; it holds {list(sets)}")
     kind = _ensemble_kind(ensemble, attrs)
-    test_ens = predictive.from_trace(trace, test)
-    val_ens = predictive.from_trace(trace, val) if val else None
-    ood_ens = {name: predictive.from_trace(trace, name) for name in ood}
+    test_ens = predictive.StoredEnsemble(trace, test)
+    val_ens = predictive.StoredEnsemble(trace, val) if val else None
+    ood_ens = {name: predictive.StoredEnsemble(trace, name) for name in ood}
     options = {"ensemble": kind, "method": method, "n_boot": n_boot, "seed": seed}
     mc_info = _mc_info(kind, method, n_boot, seed, test_ens)
-    options["batch_size"] = mc_info.get("batch_size")
+    sums = _draw_sums(test_ens, val_ens, ood_ens, kind, method, n_boot, seed,
+                      mc_info.get("batch_size"), _curve_points(test_ens.draws))  # fmt: skip
 
-    cal = predictive.calibration(test_ens, val_ens, n_bins=n_bins, **options)
+    def estimate(fn: Any) -> dict[str, predictive.Estimate]:
+        return predictive.estimate_sums(sums, fn, **options)
+
+    val_fit = None if val_ens is None else (val_ens.labels, val)
+    cal = estimate(predictive.calibration_fn(test_ens.labels, test, val_fit, n_bins))
     summary: dict[str, Any] = {
         "format": FORMAT,
         "title": _title(attrs),
@@ -240,7 +247,7 @@ def build_report(
         },
         "uncertainty": {},
         "ood": {},
-        "draws_curve": _draws_curve(test_ens, kind, n_bins),
+        "draws_curve": _draws_curve(sums, test_ens, kind, n_bins),
     }
     if val_ens is not None:
         summary["test"]["temperature_scaling"] = {
@@ -249,7 +256,7 @@ def build_report(
             "temperature": cal["temperature"].to_dict(),
             "metrics": {k: cal[f"scaled_{k}"].to_dict() for k in predictive.CALIBRATION_METRICS},
         }
-    raw_p, scaled_p, labels = _pooled_predictions(test_ens, val_ens, kind)
+    raw_p, scaled_p, labels = _pooled_predictions(sums, test_ens, val_ens, kind)
     raw_curve = metrics.reliability_curve(raw_p, labels, n_bins=n_bins)
     summary["test"]["reliability"] = {
         "n_bins": n_bins,
@@ -260,10 +267,15 @@ def build_report(
         if scaled_p is None
         else _curve_dict(metrics.reliability_curve(scaled_p, labels, n_bins=n_bins)),
     }
+    single = kind == "final" or test_ens.chains * test_ens.draws == 1
     for name, ens in {test: test_ens, **ood_ens}.items():
-        summary["uncertainty"][name] = _uncertainty_summary(ens, options)
+        summary["uncertainty"][name] = {
+            "n": ens.size,
+            **{k: e.to_dict() for k, e in estimate(_uncertainty_fn(name, single)).items()},
+        }
+    members = 1 if kind == "final" else test_ens.chains * test_ens.draws
     for name, ens in ood_ens.items():
-        scores = predictive.ood_detection(test_ens, ens, **options)
+        scores = predictive.nest_scores(estimate(predictive.ood_fn(test, name, members)))
         summary["ood"][name] = {
             "n": ens.size,
             "scores": {
@@ -276,8 +288,29 @@ def build_report(
     summary["verdict"] = trace_verdict(trace, diagnosis=diagnosis).to_dict()
     report = Report(summary=_clean(summary), diagnostics_html=diagnosis.to_html())
     if figures:
-        _draw_figures(report, trace, test_ens, ood_ens, raw_p, scaled_p, labels, kind)
+        _draw_figures(report, trace, sums, test_ens, ood_ens, raw_p, scaled_p, labels, kind)
     return report
+
+
+def _draw_sums(
+    test: predictive.StoredEnsemble, val: predictive.StoredEnsemble | None,
+    ood: Mapping[str, predictive.StoredEnsemble], kind: str, method: str, n_boot: int,
+    seed: int, batch_size: int | None, points: Sequence[int],
+) -> DrawSums:  # fmt: skip
+    """Every sum the report's estimates need, in one pass over the draws of every set."""
+    sources: dict[str, predictive.StoredEnsemble] = {test.name: test}
+    scored = ("probs", "entropy", "votes", "energy")
+    kinds: dict[str, tuple[str, ...]] = {test.name: scored}
+    if val is not None:
+        sources[val.name], kinds[val.name] = val, ("probs",)
+    for name, ens in ood.items():
+        sources[name], kinds[name] = ens, scored
+    reducer = predictive._reducer(test.chains, test.draws, kind, method, n_boot, seed,
+                                  batch_size, points=points,
+                                  point_keys=[(test.name, "probs")])  # fmt: skip
+    for slab in predictive.feature_slabs(sources, kinds):
+        reducer.add(slab)
+    return reducer.result()
 
 
 def _test_set(sets: Mapping[str, bool], test: str | None, val: str | None) -> str:
@@ -416,7 +449,7 @@ def _sigma_vs_prior(attrs: Mapping[str, Any], sigma_used: Any) -> dict[str, Any]
     }
 
 
-def _ensemble_info(kind: str, ens: Ensemble) -> dict[str, Any]:
+def _ensemble_info(kind: str, ens: Any) -> dict[str, Any]:
     if kind == "bma":
         text = (
             f"Bayesian model average: class probabilities averaged over all "
@@ -434,7 +467,7 @@ _FEW_CHAINS = 4
 """Below this many chains a Monte-Carlo error is flagged: nothing checks that the chains agree."""
 
 
-def _mc_info(kind: str, method: str, n_boot: int, seed: int, ens: Ensemble) -> dict[str, Any]:
+def _mc_info(kind: str, method: str, n_boot: int, seed: int, ens: Any) -> dict[str, Any]:
     info = _mc_method_info(kind, method, n_boot, seed, ens)
     info["chains"] = ens.chains
     info["few_chains"] = ens.chains < _FEW_CHAINS
@@ -447,14 +480,10 @@ def _mc_info(kind: str, method: str, n_boot: int, seed: int, ens: Ensemble) -> d
     return info
 
 
-def _mc_method_info(
-    kind: str, method: str, n_boot: int, seed: int, ens: Ensemble
-) -> dict[str, Any]:
+def _mc_method_info(kind: str, method: str, n_boot: int, seed: int, ens: Any) -> dict[str, Any]:
     chains = ens.chains
     if kind == "bma" and method == "batch":
-        from bayesflat.diagnostics.convergence import nll_per_draw
-
-        length, tau = predictive.batch_length(nll_per_draw(ens.probs, ens.labels))
+        length, tau = predictive.batch_length(predictive.nll_per_draw_of(ens))
         batches = chains * (ens.draws // length)
         if batches < 2:
             text = "none: a batch jackknife needs at least two batches"
@@ -522,43 +551,22 @@ def _predictive_density(trace: Any) -> dict[str, Any]:
     and its mean over the points is minus the NLL of the BMA. The per-point numbers estimate
     the same quantity when the held-out set is drawn like the training set.
     """
-    import warnings
-
-    import arviz as az
-    from scipy.special import logsumexp
-
     out: dict[str, Any] = {"elpd_loo": None, "heldout": {}}
     train = _trace.get_group(trace, "log_likelihood")
     if train is not None and train.data_vars:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                loo = az.loo(trace)
+                out["elpd_loo"] = _loo(trace, train)
             except (ValueError, TypeError, KeyError, IndexError, FloatingPointError):
                 # too few draws for PSIS (ArviZ 1.x raises IndexError there): no elpd_loo
-                loo = None
-        if loo is not None:
-            elpd = float(getattr(loo, "elpd_loo", getattr(loo, "elpd", math.nan)))
-            n = int(loo.n_data_points)
-            k = np.asarray(loo.pareto_k).ravel()
-            out["elpd_loo"] = {
-                "value": elpd,
-                "se": float(loo.se),
-                "p_loo": float(getattr(loo, "p_loo", getattr(loo, "p", math.nan))),
-                "n": n,
-                "per_point": elpd / n,
-                "pareto_k_above_0.7": int(np.sum(k > 0.7)),
-                "data": "training points (log_likelihood group)",
-            }
+                out["elpd_loo"] = None
     held = _trace.get_group(trace, "heldout_log_likelihood")
     if held is not None:
         for name in held.data_vars:
-            ll = held[name].transpose("chain", "draw", ...).values.astype(np.float64)
-            ll = ll.reshape(-1, ll.shape[-1])
-            ll = ll[np.all(np.isfinite(ll), axis=1)]
-            if not ll.size:
+            pointwise = _log_mean_exp(held[name])
+            if pointwise is None:
                 continue
-            pointwise = logsumexp(ll, axis=0) - math.log(ll.shape[0])
             out["heldout"][str(name)] = {
                 "lppd": float(pointwise.sum()),
                 "n": int(pointwise.size),
@@ -567,26 +575,98 @@ def _predictive_density(trace: Any) -> dict[str, Any]:
     return out
 
 
+_LOO_BYTES = 4 * 2**20
+"""Log-likelihood values handed to one ``az.loo`` call, in bytes of float64: ArviZ holds
+several working copies of them."""
+
+
+def _loo(trace: Any, train: Any) -> dict[str, Any] | None:
+    r"""``az.loo`` of the training points, over slabs of points so memory stays bounded.
+
+    PSIS-LOO treats each point on its own, so ``elpd_loo`` and ``p_loo`` are sums over the
+    points and the standard error is :math:`\sqrt{n \operatorname{var}_i(\mathrm{elpd}_i)}`
+    of the pointwise values (their variance with the installed ArviZ's ``ddof``), as ``az.loo``
+    computes it on all points at once.
+    """
+    import arviz as az
+
+    var = str(next(iter(train.data_vars)))
+    ll = train[var].transpose("chain", "draw", ...)
+    point_dim = ll.dims[2]
+    per_point = 8 * ll.sizes["chain"] * ll.sizes["draw"]
+    step = max(1, _LOO_BYTES // per_point)
+    posterior = _trace.get_group(trace, "posterior")
+    parts = {} if posterior is None else {"posterior": posterior.load()}
+    elpd_i, pareto_k, p_loo = [], [], 0.0
+    root = _trace.build.root_attrs(trace)
+    for start in range(0, ll.sizes[point_dim], step):
+        piece = ll.isel({point_dim: slice(start, start + step)}).load()
+        sub = _trace.build.assemble({**parts, "log_likelihood": piece.to_dataset(name=var)}, root)
+        loo = az.loo(sub, pointwise=True)
+        pointwise = getattr(loo, "loo_i", None)
+        if pointwise is None:
+            pointwise = loo.elpd_i
+        elpd_i.append(np.asarray(pointwise).ravel())
+        pareto_k.append(np.asarray(loo.pareto_k).ravel())
+        p_loo += float(getattr(loo, "p_loo", getattr(loo, "p", math.nan)))
+    elpd_points = np.concatenate(elpd_i)
+    k = np.concatenate(pareto_k)
+    n = int(elpd_points.size)
+    elpd = float(elpd_points.sum())
+    return {
+        "value": elpd,
+        # ArviZ 0.x takes the variance of the pointwise values with ddof 0, ArviZ 1.x with 1
+        "se": float(math.sqrt(n * np.var(elpd_points, ddof=int(_trace.build.arviz_major() >= 1)))),
+        "p_loo": p_loo,
+        "n": n,
+        "per_point": elpd / n,
+        "pareto_k_above_0.7": int(np.sum(k > 0.7)),
+        "data": "training points (log_likelihood group)",
+    }
+
+
+def _log_mean_exp(ll: Any) -> np.ndarray | None:
+    """:math:`\\log \frac1S \\sum_s e^{\\ell_{si}}` per point over the draws with every point
+    finite, read slab by slab; None when no draw is finite."""
+    from scipy.special import logsumexp
+
+    total, count = None, 0
+    for _, slab in _trace.draw_chunks(ll):
+        slab = slab.astype(np.float64).reshape(-1, slab.shape[-1])
+        slab = slab[np.all(np.isfinite(slab), axis=1)]
+        if not slab.size:
+            continue
+        part = logsumexp(slab, axis=0)
+        total = part if total is None else np.logaddexp(total, part)
+        count += slab.shape[0]
+    return None if total is None else total - math.log(count)
+
+
 def _pooled_predictions(
-    test: Ensemble, val: Ensemble | None, kind: str
+    sums: DrawSums, test: Any, val: Any, kind: str
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Test predictions for the figures: the BMA, or every run's final iterate stacked."""
     if kind == "bma":
-        raw = test.mean()
+        avg = sums.total()
+        raw = _renormalise(avg[test.name, "probs"])
         scaled = None
         if val is not None:
-            t = _fit_quietly(val.mean(), val.labels)
+            t = _fit_quietly(_renormalise(avg[val.name, "probs"]), val.labels)
             scaled = metrics.apply_temperature(_log(raw), t)
         return raw, scaled, test.labels
     raws, scaleds = [], []
     for c in range(test.chains):
-        raw = predictive.bma(test.final(c).probs)
+        raw = _renormalise(sums.last[test.name, "probs"][c])
         raws.append(raw)
         if val is not None:
-            t = _fit_quietly(predictive.bma(val.final(c).probs), val.labels)
+            t = _fit_quietly(_renormalise(sums.last[val.name, "probs"][c]), val.labels)
             scaleds.append(metrics.apply_temperature(_log(raw), t))
     labels = np.tile(test.labels, test.chains)
     return np.concatenate(raws), (np.concatenate(scaleds) if scaleds else None), labels
+
+
+def _renormalise(p: np.ndarray) -> np.ndarray:
+    return p / p.sum(axis=-1, keepdims=True)
 
 
 def _fit_quietly(p: np.ndarray, labels: np.ndarray) -> float:
@@ -602,49 +682,42 @@ def _log(p: np.ndarray) -> np.ndarray:
         return np.log(p)
 
 
-def _uncertainty_summary(ens: Ensemble, options: Mapping[str, Any]) -> dict[str, Any]:
-    c, d, n, k = ens.probs.shape
-    votes = np.zeros(ens.probs.shape, dtype=np.float32)
-    np.put_along_axis(votes, ens.probs.argmax(axis=-1)[..., None], 1.0, axis=-1)
-    features = {
-        "probs": ens.probs,
-        "entropy": metrics.entropy_score(ens.probs.reshape(-1, k)).reshape(c, d, n),
-        "votes": votes,
-    }
-    single = options["ensemble"] == "final" or c * d == 1
+def _uncertainty_fn(name: str, single: bool) -> Any:
+    """Mean total, aleatoric and epistemic uncertainty, variation ratio and confidence."""
 
-    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
-        p = avg["probs"]
+    def fn(avg: Mapping[Any, np.ndarray]) -> dict[str, float]:
+        p = avg[name, "probs"]
         total = metrics.entropy_score(p)
-        out = {"total": total.mean(), "aleatoric": avg["entropy"].mean()}
+        aleatoric = avg[name, "entropy"]
+        out = {"total": total.mean(), "aleatoric": aleatoric.mean()}
         if not single:
-            out["epistemic"] = np.maximum(total - avg["entropy"], 0.0).mean()
-            out["variation_ratio"] = (1.0 - avg["votes"].max(axis=-1)).mean()
+            out["epistemic"] = np.maximum(total - aleatoric, 0.0).mean()
+            out["variation_ratio"] = (1.0 - avg[name, "votes"].max(axis=-1)).mean()
         out["max_prob"] = p.max(axis=-1).mean()
         return out
 
-    return {
-        "n": n,
-        **{k: e.to_dict() for k, e in predictive.estimate(features, fn, **options).items()},
-    }
+    return fn
 
 
-def _draws_curve(test: Ensemble, kind: str, n_bins: int) -> dict[str, Any]:
+def _curve_points(draws: int) -> np.ndarray:
+    """Draw counts of the draws curve: up to 12, geometrically spaced from 1 to ``draws``."""
+    return np.unique(np.round(np.geomspace(1, draws, min(draws, 12))).astype(int))
+
+
+def _draws_curve(sums: DrawSums, test: Any, kind: str, n_bins: int) -> dict[str, Any]:
     """Test metrics against the number of draws per chain (spread over chains as error)."""
-    points = np.unique(np.round(np.geomspace(1, test.draws, min(test.draws, 12))).astype(int))
+    points = _curve_points(test.draws)
+    key = (test.name, "probs")
 
-    def fn(avg: dict[str, np.ndarray]) -> dict[str, float]:
-        p = avg["probs"] / avg["probs"].sum(axis=-1, keepdims=True)
+    def fn(avg: Mapping[Any, np.ndarray]) -> dict[str, float]:
+        p = _renormalise(avg[key])
         return {
             "accuracy": metrics.accuracy(p, test.labels),
             "nll": metrics.nll(p, test.labels),
             "ece": metrics.ece(p, test.labels, n_bins=n_bins),
         }
 
-    rows = [
-        predictive.estimate({"probs": test.probs[:, :k]}, fn, ensemble=kind, method="spread")
-        for k in points
-    ]
+    rows = [predictive.estimate_prefix(sums, int(k), fn, ensemble=kind) for k in points]
     if kind == "bma":
         text = "BMA of the first k draws of every chain; error: spread over chains"
     else:
@@ -789,7 +862,7 @@ def _reliability_axes(ax: Any, count_ax: Any, curve: Mapping[str, Any], edges: n
 
 
 def _draw_figures(
-    report: Report, trace: Any, test: Ensemble, ood: Mapping[str, Ensemble],
+    report: Report, trace: Any, sums: DrawSums, test: Any, ood: Mapping[str, Any],
     raw_p: np.ndarray, scaled_p: np.ndarray | None, labels: np.ndarray, kind: str,
 ) -> None:  # fmt: skip
     summary = report.summary
@@ -826,11 +899,11 @@ def _draw_figures(
     ax_id.legend(fontsize=8, frameon=False)
     ax_ood.hist(conf, bins=bins, histtype="step", linewidth=1.6, density=True,
                 label=summary["test"]["set"], color="black")  # fmt: skip
-    for i, (name, ens) in enumerate(ood.items()):
+    for i, name in enumerate(ood):
         if kind == "bma":
-            p = ens.mean()
+            p = _renormalise(sums.total()[name, "probs"])
         else:
-            p = np.concatenate([predictive.bma(ens.final(c).probs) for c in range(ens.chains)])
+            p = np.concatenate(list(_renormalise(sums.last[name, "probs"])))
         ax_ood.hist(p.max(axis=1), bins=bins, histtype="step", linewidth=1.6, density=True,
                     label=name, color=f"C{i + 1}")  # fmt: skip
     ax_ood.set(xlabel="confidence", ylabel="density (log scale)", yscale="log",
@@ -844,20 +917,23 @@ def _draw_figures(
         "(normalised to unit area)."
     )
 
-    for name, ens in ood.items():
-        _ood_figures(report, name, test, ens, kind)
+    # scores of the BMA, or of the first run's final iterate
+    avg = sums.total() if kind == "bma" else {k: v[0] for k, v in sums.last.items()}
+    members = test.chains * test.draws if kind == "bma" else 1
+    s_in = predictive.scores_of(avg, test.name, members)
+    for name in ood:
+        _ood_figures(report, name, s_in, predictive.scores_of(avg, name, members), kind)
     _curve_figure(report)
     _trace_figure(report, trace)
 
 
-def _ood_figures(report: Report, name: str, test: Ensemble, ens: Ensemble, kind: str) -> None:
+def _ood_figures(
+    report: Report, name: str, s_in: Mapping[str, np.ndarray], s_out: Mapping[str, np.ndarray],
+    kind: str,
+) -> None:  # fmt: skip
     from matplotlib.ticker import MaxNLocator
     from sklearn.metrics import roc_curve
 
-    if kind == "bma":
-        s_in, s_out = predictive.ood_scores(test), predictive.ood_scores(ens)
-    else:
-        s_in, s_out = predictive.ood_scores(test.final(0)), predictive.ood_scores(ens.final(0))
     scores = [s for s in report.summary["ood"][name]["scores"] if s in s_in]
     fig = _new_figure(2.9 * len(scores), 2.8)
     axes = np.atleast_1d(fig.subplots(1, len(scores)))
@@ -881,8 +957,8 @@ def _ood_figures(report: Report, name: str, test: Ensemble, ens: Ensemble, kind:
     )
     fig = _new_figure(4.4, 4.0)
     ax = fig.subplots()
-    is_ood = np.r_[np.zeros(test.size), np.ones(ens.size)]
     for i, score in enumerate(scores):
+        is_ood = np.r_[np.zeros(s_in[score].size), np.ones(s_out[score].size)]
         fpr, tpr, _ = roc_curve(is_ood, np.r_[s_in[score], s_out[score]])
         ax.plot(fpr, tpr, color=f"C{i}", label=SCORE_LABELS[score])
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)

@@ -39,6 +39,30 @@ Two cases:
   - *naive loop*: a textbook per-parameter Python loop (one ``torch.randn`` per tensor, a
     ``clone`` per tensor for the backup), written here as the reference, not part of bayesflat.
 
+One more reference runs in both cases, when the ``posteriors`` library (0.1.3, the ``bench``
+extra) is installed: ``posteriors_sgld``, its SGLD written as a posteriors user writes it, with
+a functional log posterior over a dict of the parameters,
+
+    log_post(theta, B) = -mean_{i in B} NLL_i(theta) + log N(theta; 0, I) / N
+                       = -L_B(theta) - P log(2 pi) / (2 N)     (nats per example),
+
+(``torch.func.functional_call`` of the model, ``F.cross_entropy`` and
+``posteriors.diag_normal_log_prob``, whose normalised density adds the constant; its passes are
+the calls of ``log_post``), ``posteriors.sgmcmc.sgld.build(log_post, lr=LR,
+temperature=T / N)`` and ``state, aux = transform.update(state, (x, y))`` per step. That is the
+scaling the posteriors documentation asks for (a batch-mean log posterior with temperature
+``1 / num_data`` for the Bayes posterior), and it makes the step the one of bayesflat's
+``sgld`` at the same ``lr`` and ``T = 1``: ``theta + lr grad log_post + sqrt(2 lr T / N) xi``.
+It runs on a copy of the model whose BatchNorm layers keep no running statistics
+(``torch.func.replace_all_batch_norm_modules_``: ``torch.func`` cannot update them inside its
+gradient transform; in training mode the layers normalise by the batch statistics either way),
+so on ``convnet32`` it skips the running-statistics update that the other methods make.
+Its gradient comes from ``torch.func.grad_and_value`` inside ``transform.update``, so its
+forward and backward cannot be timed apart from the rest of its step: its "outside fwd/bwd"
+cells read n/a. Its state keeps a new copy of the parameters after every step and no ``.grad``;
+that copy stands where the gradients of the other methods stand in the persistent memory.
+Without ``posteriors`` the row is left out and the results say so.
+
 The cyclical samplers (``csgld``, ``csghmc``, ``cfsgld``) are timed in their sampling phase
 (``exploration=0``, see ``METHOD_OPTIONS``): their exploration steps are ``T = 0`` steps, those
 of ``sgd`` (``csgld``, ``cfsgld``) or of momentum SGD (``csghmc``). pSGLD runs with its
@@ -60,12 +84,14 @@ Usage::
     python benchmarks/step_time.py --quick           # smoke run, seconds; timings meaningless
     python benchmarks/step_time.py --out DIR         # write DIR/step_time.{md,json} and
                                                      # DIR/methods_table.md
-    python benchmarks/step_time.py --case digits_mlp # one case only
+    python benchmarks/step_time.py --cases digits_mlp
+                                                     # one case only (``--case`` is the same)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -74,6 +100,7 @@ import platform
 import random
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +108,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bayesflat import samplers
@@ -135,6 +163,11 @@ class Case:
 
 
 REFERENCES = ("floor_sgld", "naive_sgld", "floor_fsgld", "naive_fsgld")
+# References from other libraries: timed when the library is installed, left out with a note
+# otherwise.
+POSTERIORS = "posteriors_sgld"
+POSTERIORS_INSTALL = "pip install -c constraints.txt posteriors==0.1.3 (the bench extra)"
+EXTERNAL = (POSTERIORS,)
 REGISTERED = tuple(samplers.available())
 CASE_NAMES = ("convnet32", "digits_mlp")
 
@@ -144,6 +177,8 @@ DESCRIPTIONS = {
     "naive_sgld": "reference: per-parameter Python loop SGLD (not bayesflat)",
     "floor_fsgld": "floor: SGD step + 2 normal draws of P + 1 copy of P",
     "naive_fsgld": "reference: per-parameter Python loop fSGLD (not bayesflat)",
+    POSTERIORS: "reference: posteriors.sgmcmc.sgld, log_post = -mean NLL + log N(theta; 0, I) / N "
+    "by functional_call, temperature = T/N; transform.update(state, (x, y))",
 }
 
 
@@ -157,7 +192,7 @@ def cases(quick: bool) -> list[Case]:
             input_shape=(3, 32, 32),
             batch_size=8 if quick else 128,
             num_data=50_000,
-            methods=(BASELINE, *REGISTERED),
+            methods=(BASELINE, *EXTERNAL, *REGISTERED),
             min_rounds=2 if quick else 8,
             max_rounds=2 if quick else 40,
             budget_s=0.0 if quick else 170.0,
@@ -171,7 +206,7 @@ def cases(quick: bool) -> list[Case]:
             input_shape=(64,),
             batch_size=64,
             num_data=1797,
-            methods=(BASELINE, *REFERENCES, *REGISTERED),
+            methods=(BASELINE, *REFERENCES, *EXTERNAL, *REGISTERED),
             min_rounds=2 if quick else 30,
             max_rounds=2 if quick else 200,
             budget_s=0.0 if quick else 45.0,
@@ -230,16 +265,63 @@ class NaiveLoopSampler(torch.optim.Optimizer):
         return loss
 
 
+def import_posteriors() -> Any | None:
+    """The ``posteriors`` module, or ``None`` when it is not installed."""
+    try:
+        # Importing posteriors 0.1.3 with tensordict 0.15 warns once per state class about
+        # shared tensor defaults, which SGLD never mutates (it builds a new state every step).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            import posteriors
+    except ImportError:
+        return None
+    return posteriors
+
+
+def posteriors_log_posterior(
+    model: nn.Module, num_data: int
+) -> Callable[[dict[str, Tensor], tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
+    """The log posterior a posteriors user writes for ``model``, in posteriors' scaling.
+
+    ``log_post(params, (x, y)) = -mean_{i in B} NLL_i + log N(params; 0, I) / num_data``
+    (nats per example), with the logits as auxiliary output: minus the potential ``L_B`` of
+    :class:`~bayesflat.target.torch.Posterior` with its default prior (Gaussian, scale 1), up
+    to the constant ``P log(2 pi) / (2 num_data)`` of the normalised Gaussian density
+    (``P`` parameters), so with the same gradient.
+
+    Raises
+    ------
+    ModuleNotFoundError
+        When ``posteriors`` is not installed.
+    """
+    posteriors = import_posteriors()
+    if posteriors is None:
+        raise ModuleNotFoundError(f"posteriors is not installed: {POSTERIORS_INSTALL}")
+
+    def log_posterior(
+        params: dict[str, Tensor], batch: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        inputs, targets = batch
+        logits = torch.func.functional_call(model, params, (inputs,))
+        log_post = (
+            -F.cross_entropy(logits, targets) + posteriors.diag_normal_log_prob(params) / num_data
+        )
+        return log_post, logits
+
+    return log_posterior
+
+
 # -- the methods --------------------------------------------------------------------------------
 
 
 @dataclass
 class Method:
     """A step function and its counters: the CPU seconds its steps spent inside forward +
-    backward and its forward/backward passes (closure calls) so far; the settings it runs at."""
+    backward (``None`` where they cannot be timed apart from the step) and its
+    forward/backward passes (closure calls) so far; the settings it runs at."""
 
     step: Callable[[], None]
-    fwd_bwd_seconds: list[float]
+    fwd_bwd_seconds: list[float] | None
     passes: list[int] = field(default_factory=lambda: [0])
     temperature: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
@@ -268,6 +350,11 @@ def build_methods(
     sigma = coupled_sigma(TEMPERATURE, case.num_data)
     generator = torch.Generator().manual_seed(1)
     xi, eps, backup = (torch.empty(num_params) for _ in range(3))
+    # torch.func cannot update BatchNorm running statistics inside its gradient transform; as
+    # its documentation advises, posteriors runs on a copy whose BatchNorm layers track none
+    # (in training mode they normalise by the batch statistics either way). One copy, made
+    # here, so that the memory of a fresh posteriors sampler does not count it.
+    functional_model = torch.func.replace_all_batch_norm_modules_(copy.deepcopy(model))
 
     def registered(name: str, seed: int) -> Method:
         temperature = method_temperature(name)
@@ -340,6 +427,28 @@ def build_methods(
 
         return Method(step, clock, passes)
 
+    def posteriors_sgld() -> Method:
+        posteriors = import_posteriors()
+        log_posterior = posteriors_log_posterior(functional_model, case.num_data)
+        passes = [0]
+
+        def counted(
+            params: dict[str, Tensor], batch: tuple[Tensor, Tensor]
+        ) -> tuple[Tensor, Tensor]:
+            passes[0] += 1
+            return log_posterior(params, batch)
+
+        transform = posteriors.sgmcmc.sgld.build(
+            counted, lr=LR, temperature=TEMPERATURE / case.num_data
+        )
+        state = transform.init(dict(functional_model.named_parameters()))
+
+        def step() -> None:
+            nonlocal state
+            state, _ = transform.update(state, (x, y))
+
+        return Method(step, None, passes, temperature=TEMPERATURE)
+
     def draw_xi() -> None:
         xi.normal_(generator=generator)
 
@@ -354,10 +463,18 @@ def build_methods(
         "naive_sgld": lambda: naive(0.0, 4),
         "floor_fsgld": lambda: sgd_step(draw_eps_backup_xi),
         "naive_fsgld": lambda: naive(sigma, 5),
+        POSTERIORS: posteriors_sgld,
     }
     for index, name in enumerate(REGISTERED):
         makers[name] = lambda name=name, seed=10 + index: registered(name, seed)
-    return {name: makers[name] for name in case.methods}
+    return {name: makers[name] for name in case.methods if name not in missing_references()}
+
+
+def missing_references() -> dict[str, str]:
+    """References from other libraries that cannot run here, each with why and the fix."""
+    if import_posteriors() is None:
+        return {POSTERIORS: f"posteriors is not installed ({POSTERIORS_INSTALL})"}
+    return {}
 
 
 # -- measurements -------------------------------------------------------------------------------
@@ -379,14 +496,15 @@ def time_rounds(
     ``min_rounds`` are done. Returns ``{"cpu": ..., "wall": ..., "outside": ..., "passes":
     ...}``, each ``{method: [value per step, one per round]}``: CPU time of this thread (all
     the work runs on it with one torch thread; time spent descheduled by other processes is
-    left out), wall-clock time, the CPU time spent outside forward + backward, and the number
-    of forward/backward passes.
+    left out), wall-clock time, the CPU time spent outside forward + backward (for the methods
+    whose forward + backward are timed apart), and the number of forward/backward passes.
     """
     order = list(methods)
     rng = random.Random(seed)
     times: dict[str, dict[str, list[float]]] = {
-        kind: {name: [] for name in order} for kind in ("cpu", "wall", "outside", "passes")
+        kind: {name: [] for name in order} for kind in ("cpu", "wall", "passes")
     }
+    times["outside"] = {n: [] for n in order if methods[n].fwd_bwd_seconds is not None}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     started = time.perf_counter()
@@ -398,7 +516,8 @@ def time_rounds(
             for name in order:
                 method = methods[name]
                 step, clock = method.step, method.fwd_bwd_seconds
-                clock[0] = 0.0
+                if clock is not None:
+                    clock[0] = 0.0
                 passes = method.passes[0]
                 wall0, cpu0 = time.perf_counter(), time.thread_time()
                 for _ in range(steps_per_round):
@@ -406,7 +525,8 @@ def time_rounds(
                 cpu = time.thread_time() - cpu0
                 times["cpu"][name].append(cpu / steps_per_round)
                 times["wall"][name].append((time.perf_counter() - wall0) / steps_per_round)
-                times["outside"][name].append((cpu - clock[0]) / steps_per_round)
+                if clock is not None:
+                    times["outside"][name].append((cpu - clock[0]) / steps_per_round)
                 times["passes"][name].append((method.passes[0] - passes) / steps_per_round)
             gc.collect()
     finally:
@@ -487,7 +607,8 @@ def summarise(times: dict[str, dict[str, list[float]]], baseline: str = BASELINE
     """Medians and IQRs per method, in ms, with the per-round ratios to ``baseline``.
 
     ``cpu`` / ``wall``: step time and ``time / baseline time`` in the same round.
-    ``outside``: CPU time outside forward + backward, and the ratio it implies,
+    ``outside`` (``None`` for a method missing from ``times["outside"]``, whose forward +
+    backward were not timed apart): CPU time outside forward + backward, and the ratio it implies,
     ``1 + ((k - 1) (b - bo) + o - bo) / b`` in the same round, with ``b`` the baseline's step,
     ``bo`` its time outside forward + backward, ``o`` the method's and ``k`` the method's
     passes per step: the method's step with each of its ``k`` forward/backward passes priced
@@ -498,12 +619,14 @@ def summarise(times: dict[str, dict[str, list[float]]], baseline: str = BASELINE
     base_cpu, base_outside = times["cpu"][baseline], times["outside"][baseline]
     base_wall = times["wall"][baseline]
     for name in times["cpu"]:
-        cpu, wall, outside = times["cpu"][name], times["wall"][name], times["outside"][name]
-        passes = times["passes"][name]
+        cpu, wall, passes = times["cpu"][name], times["wall"][name], times["passes"][name]
+        outside = times["outside"].get(name)
         out[name] = {
             "cpu": _summary(cpu, [v / b for v, b in zip(cpu, base_cpu, strict=True)]),
             "wall": _summary(wall, [v / b for v, b in zip(wall, base_wall, strict=True)]),
-            "outside": _summary(
+            "outside": None
+            if outside is None
+            else _summary(
                 outside,
                 [
                     1 + ((k - 1) * (b - bo) + o - bo) / b
@@ -516,7 +639,11 @@ def summarise(times: dict[str, dict[str, list[float]]], baseline: str = BASELINE
 
 
 def run_case(case: Case) -> dict[str, Any]:
-    """Time and measure every method of ``case``; raw per-round times included."""
+    """Time and measure every method of ``case``; raw per-round times included.
+
+    A reference whose library is not installed is left out and listed under ``skipped``
+    with the reason.
+    """
     torch.manual_seed(0)
     model = case.build()
     x = torch.randn(case.batch_size, *case.input_shape)
@@ -564,13 +691,14 @@ def run_case(case: Case) -> dict[str, Any]:
         "methods": summary,
         "per_round_seconds": times,
         "per_round_passes": passes,
+        "skipped": {n: why for n, why in missing_references().items() if n in case.methods},
     }
 
 
 def _kind(name: str) -> str:
     if name == BASELINE:
         return "baseline"
-    if name in REFERENCES:
+    if name in REFERENCES or name in EXTERNAL:
         return "reference"
     return "sampler" if samplers.entry(name).is_sampler else "optimiser"
 
@@ -592,6 +720,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "posteriors": getattr(import_posteriors(), "__version__", None),
         "torch_threads": torch.get_num_threads(),
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -657,7 +786,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"on {m['date_utc']} in {results['wall_seconds']:.0f} s.",
         "",
         f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['platform']}",
-        f"- Python {m['python']}, torch {m['torch']}, **{m['torch_threads']} torch thread**",
+        f"- Python {m['python']}, torch {m['torch']}, "
+        f"posteriors {m.get('posteriors') or 'not installed'}, "
+        f"**{m['torch_threads']} torch thread**",
         f"- 1-minute load average at start -> end: {load} (other processes share the machine: "
         "that is why methods are interleaved and ratios are paired per round)",
         f"- lr = {LR:g}; samplers at T = {TEMPERATURE:g}, optimisers at T = 0, each with its "
@@ -686,17 +817,24 @@ def render_markdown(results: dict[str, Any]) -> str:
         ]
         for method, s in case["methods"].items():
             c, o, w = s["cpu"], s["outside"], s["wall"]
+            outside = (
+                "n/a | n/a"
+                if o is None
+                else f"{o['median_ms']:.3f} | {o['ratio_median']:.3f} ({_iqr(o)})"
+            )
             lines.append(
                 f"| `{method}` | {_settings(s)} | {_cell(s['description'])} "
                 f"| {s['passes_per_step']:g} "
                 f"| {c['median_ms']:.3f} ({c['q1_ms']:.3f}-{c['q3_ms']:.3f}) "
                 f"| **{c['ratio_median']:.3f}** ({_iqr(c)}) "
-                f"| {o['median_ms']:.3f} | {o['ratio_median']:.3f} ({_iqr(o)}) "
+                f"| {outside} "
                 f"| {w['ratio_median']:.3f} ({_iqr(w)}) "
                 f"| {s['persistent_param_buffers']:.2f} x params "
                 f"({_fmt_bytes(s['persistent_bytes'])}) | {_fmt_bytes(s['peak_step_bytes'])} |"
             )
         lines.append("")
+        for method, why in case.get("skipped", {}).items():
+            lines += [f"Not timed: `{method}`, {why}.", ""]
         if name == CLAIM_CASE and CLAIM_METHOD in case["methods"]:
             c, o = (case["methods"][CLAIM_METHOD][k] for k in ("cpu", "outside"))
             lines += [
@@ -715,7 +853,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "(zeroing, noise, perturbation, update, Python). The ratio next to it prices each of "
         "the method's k passes at SGD's forward/backward in the same round, "
         "1 + ((k - 1) (SGD step - SGD outside) + outside - SGD outside) / SGD step: the same "
-        "ratio without the noise of the forward/backward that all methods share. Wall ratio: "
+        "ratio without the noise of the forward/backward that all methods share (n/a for "
+        "`posteriors_sgld`, whose forward/backward run inside `torch.func.grad_and_value` in "
+        "its update and are not timed apart). Wall ratio: "
         "from wall-clock time, which also counts time the process waited for a CPU. "
         "Persistent extra: workspace and state the optimiser keeps between steps (allocated "
         "while it is built and makes its first step), in parameter-sized buffers. Peak in "
@@ -826,13 +966,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: few tiny repetitions")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     parser.add_argument(
+        "--cases",
         "--case",
-        action="append",
+        dest="cases",
+        action="extend",
+        nargs="+",
         choices=CASE_NAMES,
-        help="run only this case (repeatable; default: all)",
+        metavar="CASE",
+        help=f"run only these cases, among {', '.join(CASE_NAMES)} (repeatable; default: all)",
     )
     args = parser.parse_args(argv)
-    results = run(args.out, quick=args.quick, case_names=args.case)
+    results = run(args.out, quick=args.quick, case_names=args.cases)
     print(render_markdown(results))
     print(render_methods_table(results))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -9,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bayesflat import samplers
+from bayesflat.models import MLP, ConvNet32
+from bayesflat.target.torch import Posterior
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
 
@@ -60,17 +64,75 @@ def test_quick_run_writes_markdown_and_json(step_time, quick_run):
 def test_every_registered_method_in_both_cases(step_time, quick_run):
     _, results = quick_run
     registered = samplers.available()
+    external = [n for n in step_time.EXTERNAL if n not in step_time.missing_references()]
     cnn, mlp = results["cases"]["convnet32"], results["cases"]["digits_mlp"]
-    assert list(cnn["methods"]) == ["torch_sgd", *registered]
-    assert list(mlp["methods"]) == ["torch_sgd", *step_time.REFERENCES, *registered]
+    assert list(cnn["methods"]) == ["torch_sgd", *external, *registered]
+    assert list(mlp["methods"]) == ["torch_sgd", *step_time.REFERENCES, *external, *registered]
 
 
-def test_every_method_has_its_columns(quick_run):
+def test_posteriors_row_is_timed_when_installed(step_time, quick_run):
+    out, results = quick_run
+    pytest.importorskip("posteriors")
+    md = (out / "step_time.md").read_text()
+    assert results["machine"]["posteriors"] == "0.1.3"
+    for case in results["cases"].values():
+        row = case["methods"]["posteriors_sgld"]
+        assert row["kind"] == "reference" and row["temperature"] == 1.0
+        assert row["passes_per_step"] == 1
+        # Its forward/backward run inside torch.func inside posteriors: not timed apart.
+        assert row["outside"] is None
+        assert "posteriors_sgld" not in case["per_round_seconds"]["outside"]
+        assert case["skipped"] == {}
+    assert md.count("| `posteriors_sgld` |") == 2
+
+
+def test_posteriors_row_is_left_out_with_a_note_without_posteriors(
+    step_time, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(step_time, "import_posteriors", lambda: None)
+    results = step_time.run(tmp_path, quick=True, case_names=["digits_mlp"])
+    case = results["cases"]["digits_mlp"]
+    assert "posteriors_sgld" not in case["methods"]
+    assert "posteriors is not installed" in case["skipped"]["posteriors_sgld"]
+    assert results["machine"]["posteriors"] is None
+    md = (tmp_path / "step_time.md").read_text()
+    assert "Not timed: `posteriors_sgld`, posteriors is not installed" in md
+    assert "posteriors not installed" in md
+
+
+@pytest.mark.parametrize("build, shape", [(MLP, (64,)), (ConvNet32, (3, 32, 32))])
+def test_posteriors_log_posterior_is_minus_the_potential(step_time, build, shape):
+    pytest.importorskip("posteriors")
+    torch.manual_seed(0)
+    model, num_data = build(), 1797
+    x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
+    # The benchmark's BatchNorm-free copy: in training mode it normalises by the batch
+    # statistics as the original does, so value and gradient are those of the Posterior.
+    functional = torch.func.replace_all_batch_norm_modules_(copy.deepcopy(model))
+    log_posterior = step_time.posteriors_log_posterior(functional, num_data)
+    params = dict(functional.named_parameters())
+    grads, (value, logits) = torch.func.grad_and_value(log_posterior, has_aux=True)(params, (x, y))
+    posterior = Posterior(model, num_data=num_data)
+    potential = posterior.potential(x, y)
+    potential.backward()
+    # Same float32 computation by two routes: agreement to float32 rounding. posteriors'
+    # Gaussian log density is normalised, the Posterior's prior is not: they differ by the
+    # constant P log(2 pi) / 2, divided by N.
+    num_params = sum(p.numel() for p in params.values())
+    constant = num_params * math.log(2 * math.pi) / 2 / num_data
+    torch.testing.assert_close(value, -potential.detach() - constant)
+    torch.testing.assert_close(logits, model(x).detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], -p.grad, msg=name)
+
+
+def test_every_method_has_its_columns(step_time, quick_run):
     _, results = quick_run
     for case in results["cases"].values():
         assert case["rounds"] >= 2
         for name, method in case["methods"].items():
-            for kind in ("cpu", "wall", "outside"):
+            kinds = ("cpu", "wall") if name in step_time.EXTERNAL else ("cpu", "wall", "outside")
+            for kind in kinds:
                 stats = method[kind]
                 for key in ("median_ms", "q1_ms", "q3_ms", "ratio_median", "ratio_q1", "ratio_q3"):
                     assert math.isfinite(stats[key]), (name, kind, key)
@@ -113,7 +175,7 @@ def test_methods_table_has_one_row_per_registered_method(quick_run):
 
 
 def test_cli_one_case_writes_into_out(step_time, tmp_path, capsys):
-    step_time.main(["--quick", "--case", "digits_mlp", "--out", str(tmp_path / "cli")])
+    step_time.main(["--quick", "--cases", "digits_mlp", "--out", str(tmp_path / "cli")])
     on_disk = json.loads((tmp_path / "cli" / "step_time.json").read_text())
     assert set(on_disk["cases"]) == {"digits_mlp"}
     assert (tmp_path / "cli" / "step_time.md").is_file()

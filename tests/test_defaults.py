@@ -51,6 +51,10 @@ def test_temperature_defaults_to_the_module_for_samplers_and_zero_for_optimisers
     assert resolve_temperature(None, is_sampler=True) == DEFAULTS.temperature
     assert resolve_temperature(None, is_sampler=False) == 0.0
     assert resolve_temperature(1.0, is_sampler=True) == 1.0
+    # a target that states its own posterior (a Pyro model) samples it, at T = 1
+    assert resolve_temperature(None, is_sampler=True, states_posterior=True) == 1.0
+    assert resolve_temperature(None, is_sampler=False, states_posterior=True) == 0.0
+    assert resolve_temperature(0.3, is_sampler=True, states_posterior=True) == 0.3
     x, y = torch.randn(40, 64), torch.arange(40) % 10
     spec = make_spec(models.build_model("mlp", num_classes=10), (x, y), sampler="sgd")
     assert spec.temperature == 0.0

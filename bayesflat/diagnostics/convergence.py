@@ -39,6 +39,8 @@ import arviz as az
 import numpy as np
 import xarray as xr
 
+from bayesflat.trace.build import draw_chunks
+
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "ConvergenceRow",
@@ -151,8 +153,10 @@ def weight_projections(
 
     Parameters
     ----------
-    weights : mapping of str to array, shape (chain, draw, ...)
-        Weight draws, e.g. the ``posterior`` group.
+    weights : mapping of str to array or xarray.DataArray, shape (chain, draw, ...)
+        Weight draws, e.g. the ``weights`` group. DataArrays (with ``chain`` and ``draw``
+        dimensions) are read slab by slab of draws, so a lazily opened trace is never held in
+        memory whole.
     n_projections : int
         Number of directions.
     seed : int
@@ -169,14 +173,22 @@ def weight_projections(
     total = None
     dim = 0
     for name in sorted(weights):
-        w = np.asarray(weights[name])
-        if w.ndim < 2:
-            raise ValueError(f"weight {name!r} must have shape (chain, draw, ...), got {w.shape}")
-        flat = w.reshape(w.shape[0], w.shape[1], -1).astype(np.float64)
-        u = rng.standard_normal((flat.shape[-1], n_projections))
-        part = flat @ u
-        total = part if total is None else total + part
-        dim += flat.shape[-1]
+        w = weights[name]
+        if not isinstance(w, xr.DataArray):
+            w = np.asarray(w)
+            if w.ndim < 2:
+                raise ValueError(
+                    f"weight {name!r} must have shape (chain, draw, ...), got {w.shape}"
+                )
+            w = xr.DataArray(w, dims=("chain", "draw", *(f"d{i}" for i in range(w.ndim - 2))))
+        size = int(np.prod([n for d, n in w.sizes.items() if d not in ("chain", "draw")]))
+        u = rng.standard_normal((size, n_projections))
+        if total is None:
+            total = np.zeros((w.sizes["chain"], w.sizes["draw"], n_projections))
+        for d0, slab in draw_chunks(w):
+            flat = slab.reshape(slab.shape[0], slab.shape[1], -1).astype(np.float64)
+            total[:, d0 : d0 + flat.shape[1]] += flat @ u
+        dim += size
     return total / math.sqrt(dim)
 
 
@@ -257,24 +269,26 @@ def functionals(
         for name, (stored, logits) in _stored_sets(preds, attrs).items():
             if name not in observed:
                 continue
-            dims = ("chain", "draw", preds[stored].dims[2], "class")
-            probs = preds[stored].transpose(*dims).values
-            if stored == logits:
-                probs = _softmax(probs)
             labels = np.asarray(observed[name].values, dtype=int)
-            out[f"nll_{name}"] = nll_per_draw(probs, labels)
             rng = np.random.default_rng(seed)
             picked = np.sort(
                 rng.choice(labels.size, size=min(n_inputs, labels.size), replace=False)
             )
-            p_true = true_class_probability(probs, labels, picked)
+            nll, p_true = [], []
+            dims = ("chain", "draw", preds[stored].dims[2], "class")
+            for _, probs in draw_chunks(preds[stored].transpose(*dims)):
+                probs = _softmax(probs) if stored == logits else probs
+                nll.append(nll_per_draw(probs, labels))
+                p_true.append(true_class_probability(probs, labels, picked))
+            out[f"nll_{name}"] = np.concatenate(nll, axis=1)
+            p_true_all = np.concatenate(p_true, axis=1)
             for k, i in enumerate(picked):
-                out[f"p_true_{name}_{i}"] = p_true[..., k]
+                out[f"p_true_{name}_{i}"] = p_true_all[..., k]
 
     posterior = grp.get("weights")
     if posterior is not None and n_projections > 0 and posterior.data_vars:
         names = list(posterior.data_vars) if var_names is None else list(var_names)
-        draws = {n: posterior[n].transpose("chain", "draw", ...).values for n in names}
+        draws = {n: posterior[n] for n in names}
         proj = weight_projections(draws, n_projections=n_projections, seed=seed)
         for j in range(n_projections):
             out[f"proj_{j}"] = proj[..., j]

@@ -17,7 +17,7 @@ Entropies are in nats.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import entr, logsumexp
+from scipy.special import entr
 from scipy.stats import rankdata
 
 from ._validation import check_logits, check_probs, check_scores
@@ -154,7 +154,15 @@ def energy_score(logits, *, temperature: float = 1.0) -> np.ndarray:
     if not (isinstance(temperature, int | float | np.number) and 0 < temperature < np.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     z = check_logits(logits, "logits")
-    return -temperature * logsumexp(z / temperature, axis=1)
+    return -temperature * _logsumexp(z / temperature)
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    """``log sum_k exp(z_ik)``, shifted by the row maximum (a row of -inf gives -inf)."""
+    top = z.max(axis=1, keepdims=True)
+    top[~np.isfinite(top)] = 0.0
+    with np.errstate(divide="ignore"):
+        return (top + np.log(np.exp(z - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
 def _pooled(scores_in, scores_out) -> tuple[np.ndarray, np.ndarray]:

@@ -251,7 +251,9 @@ def sample(
 
     check_choice(on_divergence, "on_divergence", ON_DIVERGENCE)
     entry = _samplers.entry(sampler)
-    temperature = _resolve_temperature(temperature, entry.is_sampler, model)
+    temperature = resolve_temperature(
+        temperature, entry.is_sampler, states_posterior=_states_posterior(model)
+    )
     spec = make_spec(
         model, train_data, sampler=sampler, chains=chains, burn_in=burn_in, draws=draws,
         thin=thin, batch_size=batch_size, eval_sets=eval_sets, seed=seed, lr=lr,
@@ -483,7 +485,9 @@ def make_spec(
     ``options`` are the sampler's options (``**sampler_options`` of :func:`sample`).
     """
     entry = _samplers.entry(sampler)
-    temperature = _resolve_temperature(temperature, entry.is_sampler, model)
+    temperature = resolve_temperature(
+        temperature, entry.is_sampler, states_posterior=_states_posterior(model)
+    )
     options = dict(options or {})
     for name, minimum in (("chains", 1), ("burn_in", 0), ("draws", 1), ("thin", 1),
                           ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0)):  # fmt: skip
@@ -576,17 +580,9 @@ def _target_spec(
     )
 
 
-def _resolve_temperature(temperature: Any, is_sampler: bool, model: Any) -> Any:
-    """:func:`resolve_temperature`, except that a Pyro model's default is ``T = 1``.
-
-    The run default (``DEFAULTS.temperature``) belongs to the default network and its prior;
-    a Pyro model states its own prior and likelihood, and sampling anything but the posterior
-    it states would need asking for.
-    """
-    pyro_model = _is_pyro(model) or (callable(model) and not isinstance(model, nn.Module))
-    if temperature is None and is_sampler and pyro_model:
-        return 1.0
-    return resolve_temperature(temperature, is_sampler)
+def _states_posterior(model: Any) -> bool:
+    """Whether ``model`` is a Pyro model (module or function) stating its own posterior."""
+    return _is_pyro(model) or (callable(model) and not isinstance(model, nn.Module))
 
 
 def _is_pyro(model: Any) -> bool:

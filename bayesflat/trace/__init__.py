@@ -5,7 +5,7 @@
 :mod:`~bayesflat.trace.io` saves and loads trace files and run folders.
 """
 
-from bayesflat.trace.build import build_trace, get_group, groups, trace_attrs
+from bayesflat.trace.build import build_trace, draw_chunks, get_group, groups, trace_attrs
 from bayesflat.trace.io import load, save
 from bayesflat.trace.schema import GROUPS, PROVENANCE_KEYS, decode_name, encode_name
 
@@ -14,6 +14,7 @@ __all__ = [
     "PROVENANCE_KEYS",
     "build_trace",
     "decode_name",
+    "draw_chunks",
     "encode_name",
     "get_group",
     "groups",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import version as _distribution_version
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "assemble",
     "build_trace",
     "dataset",
+    "draw_chunks",
     "get_group",
     "groups",
     "root_attrs",
@@ -210,6 +211,46 @@ def groups(trace: Trace) -> dict[str, xr.Dataset]:
     if _is_datatree(trace):
         return {name: node.to_dataset(inherit=False) for name, node in trace.children.items()}
     return {name: getattr(trace, name) for name in trace.groups()}
+
+
+CHUNK_BYTES = 32 * 2**20
+"""Default size of the slabs :func:`draw_chunks` reads, in bytes of float64 values: large
+enough that reading a slab costs little beside computing on it, small beside the ~400 MiB a
+process with torch, ArviZ and matplotlib loaded starts from."""
+
+
+def draw_chunks(
+    variable: xr.DataArray, *, chunk_bytes: int | None = None, draws: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    r"""Read a ``(chain, draw, ...)`` variable slab by slab along ``draw``.
+
+    Each slab holds every chain and as many consecutive draws as fit in ``chunk_bytes``
+    (counted as float64, at least one draw), so memory stays bounded however many draws the
+    trace holds: a lazily opened trace (:func:`bayesflat.load` with ``lazy=True``, or the trace
+    :func:`bayesflat.sample` returns for a run folder) reads only that slab from the file.
+
+    Parameters
+    ----------
+    variable : xarray.DataArray
+        A variable with ``chain`` and ``draw`` dimensions.
+    chunk_bytes : int, optional
+        Largest slab, in bytes of float64 values (default :data:`CHUNK_BYTES`).
+    draws : int, optional
+        Read only the first ``draws`` draws (default all).
+
+    Yields
+    ------
+    (d0, slab)
+        First draw index of the slab and its values, shape ``(chain, d, ...)`` in the stored
+        dtype.
+    """
+    variable = variable.transpose("chain", "draw", ...)
+    n_draws = int(variable.sizes["draw"]) if draws is None else int(draws)
+    per_draw = 8 * int(np.prod([variable.sizes[d] for d in variable.dims if d != "draw"]))
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    step = max(1, chunk_bytes // max(per_draw, 1))
+    for d0 in range(0, n_draws, step):
+        yield d0, np.asarray(variable.isel(draw=slice(d0, min(n_draws, d0 + step))).values)
 
 
 def get_group(trace: Trace, name: str) -> xr.Dataset | None:
