@@ -13,7 +13,7 @@ from test_run import _kwargs, _model, _toy, _zero, assert_same_draws
 import bayesflat
 from bayesflat import trace as btrace
 from bayesflat.run import sinks
-from bayesflat.run.sinks import DrawFile, FolderSink, MemorySink, RunFolder, Static, read_draws
+from bayesflat.run.sinks import DrawFile, FolderSink, MemorySink, RunFolder, Static
 from bayesflat.trace.build import groups, root_attrs
 
 
@@ -44,8 +44,10 @@ def test_a_record_cut_short_by_a_killed_writer_is_ignored_and_resume_cuts_it(tmp
     with open(path, "ab") as handle:
         handle.write(draws.encode(_record(6))[: draws.record.itemsize // 2])
     assert DrawFile(path).count() == 6
+    [(start, stop, arrays)] = DrawFile(path).blocks(6)
+    assert (start, stop) == (0, 6)
     np.testing.assert_array_equal(
-        read_draws(path)["weights"]["w"], np.stack([_record(i)["weights"]["w"] for i in range(6)])
+        arrays["weights"]["w"], np.stack([_record(i)["weights"]["w"] for i in range(6)])
     )
     # The checkpoint counted 4 draws: resuming cuts the file back to exactly 4 records.
     resumed = FolderSink(folder, 1, 10, {})
@@ -230,3 +232,17 @@ def test_the_returned_trace_reads_subsets_and_survives_pickling(tmp_path):
     np.testing.assert_array_equal(picked, whole[[0, 2], 3:9:2])
     copy = pickle.loads(pickle.dumps(trace))
     assert_same_draws(trace, copy)
+
+
+def test_draw_files_of_chains_past_nine_keep_their_records_aligned(tmp_path):
+    folder = RunFolder(tmp_path)
+    sink = FolderSink(folder, 12, 3, {})
+    for chain in (0, 11):
+        sink.begin(chain, 0)
+        for i in range(3):
+            sink.write(chain, i, _record(10 * chain + i))
+        sink.flush(chain)
+        draws = DrawFile(folder.draws_path(chain))
+        assert draws.count() == 3
+        [(_, _, arrays)] = draws.blocks(3)
+        assert list(arrays["sample_stats"]["lp"]) == [-10.0 * chain - i for i in range(3)]

@@ -230,22 +230,12 @@ class DrawFile:
     Parameters
     ----------
     path : path
-        The file.
-    variables : list of (group, name, dims, dtype, shape)
-        Its variables (read from the file when not given).
+        The file; its header is read at once.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        variables: Sequence[tuple[str, str, tuple[str, ...], np.dtype, tuple[int, ...]]]
-        | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if variables is None:
-            variables, self.header_bytes = self._read_header()
-        else:
-            self.header_bytes = len(self._header(0, variables))
+        variables, self.header_bytes = self._read_header()
         self.variables = [(g, n, tuple(d), np.dtype(t), tuple(s)) for g, n, d, t, s in variables]
         self.record = np.dtype(
             [(f"{g}/{n}", t.newbyteorder("<"), s) for g, n, _, t, s in self.variables]
@@ -290,7 +280,7 @@ class DrawFile:
         ]
         with _io.atomic_path(path, fsync=False) as temporary:
             temporary.write_bytes(cls._header(chain, variables))
-        return cls(path, variables)
+        return cls(path)
 
     def count(self) -> int:
         """Complete records in the file (a record cut short by a killed writer is not one)."""
@@ -497,17 +487,6 @@ class FolderSink:
         if complete:
             return assemble_trace(self.folder, static, kept)
         return _partial_trace(self.folder, static, kept, reason)
-
-
-def read_draws(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Every complete draw of a draw file: group -> encoded name -> ``(draws, ...)`` values."""
-    draws = DrawFile(path)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for _start, _stop, arrays in draws.blocks(draws.count()):
-        for group, variables in arrays.items():
-            for name, values in variables.items():
-                out.setdefault(group, {}).setdefault(name, []).append(values)  # type: ignore[arg-type]
-    return {g: {n: np.concatenate(v) for n, v in vs.items()} for g, vs in out.items()}  # type: ignore[arg-type]
 
 
 def _draw_files(folder: RunFolder, kept: Sequence[int]) -> list[DrawFile | None]:
