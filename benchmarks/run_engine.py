@@ -22,8 +22,8 @@ What is measured
     with weights stored, at ``--draws 100`` and ``--draws 2000`` (``--thin 2``), with and
     without the report's figures (``metrics.json`` is written either way).
 ``writing``
-    Time spent in the folder sink (publishing draw files, assembling ``trace.nc``) as a
-    fraction of the rest of the run, from timers around the sink's methods.
+    Time spent in the folder sink (encoding and appending draws, assembling ``trace.nc``) as
+    a fraction of the rest of the run, from timers around the sink's methods.
 ``resume``
     A run stopped half way and resumed against the same run straight through: wall time of
     both halves over the straight wall time.
@@ -179,7 +179,7 @@ def memory(quick: bool) -> dict[str, Any]:
 
 
 def writing(quick: bool) -> dict[str, Any]:
-    spent = {"flush": 0.0, "finish": 0.0}
+    spent = {"write": 0.0, "flush": 0.0, "finish": 0.0}
     originals = {name: getattr(sinks.FolderSink, name) for name in spent}
 
     def timed(name: str) -> Any:

@@ -23,6 +23,7 @@ import bayesflat
 from bayesflat import trace as btrace
 from bayesflat.run.checkpoint import load_checkpoint
 from bayesflat.run.progress import Progress
+from bayesflat.run.sinks import DrawFile
 from bayesflat.run.spec import chain_seeds
 from bayesflat.run.stream import MinibatchStream, TrainData
 
@@ -296,6 +297,8 @@ def _every_file_readable(folder: Path) -> None:
                 assert handle.attrs["created_by"] == "bayesflat", path
         elif path.suffix == ".pt":
             load_checkpoint(path)
+        elif path.suffix == ".bin":
+            DrawFile(path).count()
         elif path.suffix == ".json":
             json.loads(path.read_text())
 

@@ -197,8 +197,8 @@ def sample(
         with :func:`resume`).
     checkpoint_every : int, optional
         Checkpoint every this many kept draws; by default at the first kept draw 5 s after the
-        previous checkpoint (and when 64 MiB of draws wait), so a killed run loses at most a
-        few seconds.
+        previous checkpoint, so a killed run loses at most a few seconds. Draws reach the run
+        folder whenever 1 MiB of a chain's draws waits, checkpoint or not.
     workers : int, default 1
         With ``workers > 1`` chains run in that many local processes (one torch thread each).
     executor : {"auto", "sequential", "processes", "distributed", "vectorised"}
@@ -968,4 +968,5 @@ def assemble_folder(path: str | os.PathLike[str]) -> Path:
     static = folder.read_static(meta.get("attrs", {}), meta.get("coords", {}))
     chains = int(meta["identity"]["spec"]["chains"])
     kept = [s.kept if (s := folder.checkpoint(c)) is not None else 0 for c in range(chains)]
-    return assemble_trace(folder, static, kept)
+    assemble_trace(folder, static, kept)
+    return folder.trace_nc

@@ -13,29 +13,29 @@ The run folder
     static.nc                 labels and constants (observed_data, constant_data)
     chains/chain_0003/
         checkpoint.pt         the chain's state after its last checkpointed draw
-        draws_0000000_0000050.h5   draws 0..49 of chain 3 (one file per flush)
+        draws.bin             the chain's draws, appended as they are kept
     trace.nc                  the assembled trace, once every chain has finished
 
-Draw files are immutable: each flush publishes a new file by rename, because an HDF5 file
-appended in place can be left unreadable by a process killed in the middle of a write. They
-are plain HDF5 (one dataset per variable, draws along the first axis, its dimension names in
-an attribute), written with h5py in about 3 ms; netCDF's dimension scales cost 30 times that
-per file, and the run folder's ``trace.nc``, assembled from them, is the netCDF4 file that
-ArviZ reads. The checkpoint says how many draws count; files beyond it (written after the last
-checkpoint by a run that was then killed) are removed or cut back when the chain resumes.
+A draw file (:class:`DrawFile`) is a header that never changes, then one fixed-size record
+per draw: every variable of the draw, in the header's order, as raw little-endian bytes. Draws
+are only ever appended, so a process killed at any moment leaves every record before the one
+being written intact; the chain's checkpoint says how many records count, and a chain that
+resumes cuts the file back to them. Appending a draw costs one ``write`` (no file format to
+update, no ``fsync``: a killed process loses nothing the kernel has accepted), and assembling
+``trace.nc`` reads the records in blocks of a few MiB, so neither the run nor the assembly
+holds more than a few MiB of draws in memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import xarray as xr
 
@@ -45,10 +45,14 @@ from bayesflat.trace import schema
 from bayesflat.trace.build import assemble, build_trace, static_groups
 from bayesflat.trace.io import open_groups, write_concatenated, write_groups
 
-__all__ = ["FolderSink", "MemorySink", "RunFolder", "Static", "load_folder"]
+__all__ = ["DrawFile", "FolderSink", "MemorySink", "RunFolder", "Static", "load_folder"]
 
 _FLOAT64_GROUPS = ("sample_stats", "log_likelihood", "heldout_log_likelihood")
-_DRAWS = re.compile(r"draws_(\d{7})_(\d{7})\.h5$")
+_MAGIC = b"BAYESFLAT-DRAWS1"
+_APPEND_BYTES = 2**20
+"""Draws a :class:`FolderSink` holds per chain before it appends them to the chain's file."""
+_READ_BYTES = 4 * 2**20
+"""Size of the blocks of draws read back from a draw file."""
 
 
 class Static:
@@ -204,17 +208,8 @@ class RunFolder:
         """Write the chain's checkpoint atomically."""
         save_checkpoint(self.checkpoint_path(state.chain), state)
 
-    def draw_files(self, chain: int) -> list[tuple[int, int, Path]]:
-        """``(start, stop, path)`` of the chain's draw files, in order."""
-        folder = self.chain_dir(chain)
-        if not folder.is_dir():
-            return []
-        out = []
-        for path in folder.iterdir():
-            match = _DRAWS.match(path.name)
-            if match:
-                out.append((int(match.group(1)), int(match.group(2)), path))
-        return sorted(out)
+    def draws_path(self, chain: int) -> Path:
+        return self.chain_dir(chain) / "draws.bin"
 
     def remove_temporaries(self) -> None:
         """Remove temporary files left by a killed writer."""
@@ -222,12 +217,194 @@ class RunFolder:
             path.unlink(missing_ok=True)
 
 
+class DrawFile:
+    """The draws of one chain: a header, then one fixed-size record per draw, appended.
+
+    Layout: the 16 bytes ``BAYESFLAT-DRAWS1``; the length ``H`` of the JSON description as an
+    8-byte little-endian integer; the description, ``{"chain": c, "variables": [[group,
+    encoded name, dims, dtype, shape], ...]}`` with ``dims`` and ``shape`` those after
+    ``(chain, draw)``; zeros up to a multiple of 64 bytes. Then record ``i`` (draw ``i``) at
+    ``header + i * record_bytes``: the variables in the description's order, each as
+    ``prod(shape)`` values of its little-endian dtype, C order.
+
+    Parameters
+    ----------
+    path : path
+        The file; its header is read at once.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        variables, self.header_bytes = self._read_header()
+        self.variables = [(g, n, tuple(d), np.dtype(t), tuple(s)) for g, n, d, t, s in variables]
+        self.record = np.dtype(
+            [(f"{g}/{n}", t.newbyteorder("<"), s) for g, n, _, t, s in self.variables]
+        )
+        self._plan: dict[tuple[str, str], Any] | None = None
+
+    @staticmethod
+    def _header(chain: int, variables: Sequence[Any]) -> bytes:
+        text = json.dumps(
+            {
+                "chain": chain,
+                "variables": [
+                    [g, n, list(d), np.dtype(t).newbyteorder("<").str, list(s)]
+                    for g, n, d, t, s in variables
+                ],
+            }
+        ).encode()
+        head = _MAGIC + struct.pack("<Q", len(text)) + text
+        return head + b"\0" * (-len(head) % 64)
+
+    def _read_header(self) -> tuple[list[Any], int]:
+        try:
+            with open(self.path, "rb") as handle:
+                start = handle.read(len(_MAGIC) + 8)
+                if len(start) < len(_MAGIC) + 8 or start[: len(_MAGIC)] != _MAGIC:
+                    raise ValueError("it does not start with the draw-file signature")
+                (length,) = struct.unpack("<Q", start[len(_MAGIC) :])
+                text = handle.read(length)
+                described = json.loads(text)["variables"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.path} is not a readable draw file: {err}") from err
+        head = len(start) + length
+        return [tuple(v) for v in described], head + (-head % 64)
+
+    @classmethod
+    def create(cls, path: Path, chain: int, record: Mapping[str, Mapping[str, Any]]) -> DrawFile:
+        """Publish an empty draw file whose layout is that of ``record`` (one draw)."""
+        variables = [
+            (group, name, dims[2:], values.dtype, values.shape[2:])
+            for group, encoded in _encoded(record).items()
+            for name, (dims, values) in encoded.items()
+        ]
+        with _io.atomic_path(path, fsync=False) as temporary:
+            temporary.write_bytes(cls._header(chain, variables))
+        return cls(path)
+
+    def count(self) -> int:
+        """Complete records in the file (a record cut short by a killed writer is not one)."""
+        return (self.path.stat().st_size - self.header_bytes) // self.record.itemsize
+
+    def encode(
+        self, record: Mapping[str, Mapping[str, Any]], out: np.ndarray | None = None
+    ) -> bytes:
+        """The bytes of one draw in this file's layout (written into ``out``, one record, if
+        given; then nothing is returned).
+
+        Values are stored as :func:`bayesflat.trace.schema.draw_variables` stores them; the
+        first draw goes through it, later ones through the plan made from the first.
+        """
+        target = np.empty(1, self.record) if out is None else out
+        if self._plan is None:
+            self._plan = self._make_plan(record)
+        count = 0
+        for group, variables in record.items():
+            if group not in schema.DRAW_GROUPS:
+                continue
+            for key, value in variables.items():
+                entry = self._plan.get((group, key))
+                if entry is None:
+                    raise self._differs(record)
+                field, flag, shape = entry
+                value = schema.to_numpy(value)
+                if value.shape != shape:
+                    raise ValueError(
+                        f"{group}[{key!r}] has shape {value.shape} at one draw and {shape} at "
+                        f"the earlier draws in {self.path}"
+                    )
+                if value.dtype.kind not in "fiub":
+                    raise TypeError(f"{group}[{key!r}] has dtype {value.dtype}; expected float")
+                if flag and value.dtype.kind == "f":
+                    value = np.nan_to_num(value) > 0.5  # as draw_variables stores flags
+                target[field] = value
+                count += 1
+        if count != len(self._plan):
+            raise self._differs(record)
+        return target.tobytes() if out is None else b""
+
+    def _make_plan(self, record: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
+        """``(group, key) -> (field, stored as a flag, shape)`` for the variables of ``record``."""
+        shapes = {(g, n): s for g, n, _, _, s in self.variables}
+        plan = {}
+        for group, encoded in _encoded(record).items():
+            for key in record[group]:
+                name = schema.encode_name(key)
+                if (group, name) not in shapes or encoded[name][1].shape[2:] != shapes[group, name]:
+                    raise self._differs(record)
+                flag = group == "sample_stats" and name in schema.BOOL_STATS
+                plan[group, key] = (f"{group}/{name}", flag, shapes[group, name])
+        if len(plan) != len(shapes):
+            raise self._differs(record)
+        return plan
+
+    def _differs(self, record: Mapping[str, Mapping[str, Any]]) -> ValueError:
+        given = {
+            (g, schema.encode_name(k), np.shape(v))
+            for g, vs in record.items()
+            if g in schema.DRAW_GROUPS
+            for k, v in vs.items()
+        }
+        expected = {(g, n, s) for g, n, _, _, s in self.variables}
+        return ValueError(
+            f"a draw with variables {sorted(given ^ expected)} (group, name, shape) differs "
+            f"from the earlier draws in {self.path}"
+        )
+
+    def truncate(self, count: int) -> None:
+        """Keep the first ``count`` draws."""
+        have = self.count()
+        if have < count:
+            raise ValueError(
+                f"{self.path} holds {have} draws but the chain's checkpoint counts {count}; the "
+                "run folder is damaged (start the run again with overwrite=True)"
+            )
+        os.truncate(self.path, self.header_bytes + count * self.record.itemsize)
+
+    def blocks(self, stop: int) -> Any:
+        """``(start, stop, arrays)`` for draws ``0..stop-1`` in blocks of about 4 MiB.
+
+        ``arrays`` maps group -> encoded name -> values of shape ``(block, ...)``.
+        """
+        step = max(1, _READ_BYTES // max(1, self.record.itemsize))
+        with open(self.path, "rb") as handle:
+            for start in range(0, stop, step):
+                n = min(step, stop - start)
+                handle.seek(self.header_bytes + start * self.record.itemsize)
+                data = np.fromfile(handle, dtype=self.record, count=n)
+                if len(data) < n:
+                    raise ValueError(f"{self.path} ends before draw {start + len(data)}")
+                yield start, start + n, self._arrays(data)
+
+    def _arrays(self, data: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for group, name, _, dtype, _ in self.variables:
+            values = data[f"{group}/{name}"]  # a view into the block, copied only by its reader
+            out.setdefault(group, {})[name] = (
+                values if values.dtype == dtype else values.astype(dtype)
+            )
+        return out
+
+
+def _encoded(record: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One draw as :func:`bayesflat.trace.schema.draw_variables` stores it: encoded names,
+    ``(dims, values)`` with values of shape ``(1, 1, ...)``."""
+    out = {}
+    for group in schema.DRAW_GROUPS:
+        variables = record.get(group)
+        if variables:
+            data = {k: np.asarray(v)[None, None] for k, v in variables.items()}
+            out[group] = schema.draw_variables(group, data, (1, 1))
+    return out
+
+
 class FolderSink:
     """Writes every chain's draws into a run folder as they are kept.
 
-    Draws are buffered per chain until :meth:`flush` (the run engine flushes before every
-    checkpoint, and whenever more than 64 MiB wait), which publishes them as one immutable
-    netCDF file.
+    Each draw is encoded at once into the chain's buffer of 1 MiB of records, which is
+    appended to the chain's :class:`DrawFile` when full and at every :meth:`flush` (the run
+    engine flushes before every checkpoint), so at most 1 MiB of draws per chain is ever held
+    in memory.
     """
 
     def __init__(
@@ -236,153 +413,120 @@ class FolderSink:
         self.folder = folder
         self.chains, self.draws = chains, draws
         self.coords = dict(coords)
-        self._buffer: dict[int, list[Mapping[str, Mapping[str, np.ndarray]]]] = {}
-        self._start: dict[int, int] = {}
-        self._bytes: dict[int, int] = {}
+        self._files: dict[int, DrawFile | None] = {}
+        self._buffers: dict[int, np.ndarray] = {}
+        self._waiting: dict[int, int] = {}
+        self._kept: dict[int, int] = {}
 
     def begin(self, chain: int, kept: int) -> None:
-        """Start (or continue) ``chain`` at draw ``kept``: draw files beyond it are cut back."""
+        """Start (or continue) ``chain`` at draw ``kept``: draws beyond it are cut off."""
         self.folder.chain_dir(chain).mkdir(parents=True, exist_ok=True)
-        for start, stop, path in self.folder.draw_files(chain):
-            if start >= kept:
-                path.unlink()
-            elif stop > kept:
-                arrays, dims = read_draws(path)
-                cut = {g: {v: a[: kept - start] for v, a in vs.items()} for g, vs in arrays.items()}
-                self._write(chain, start, kept, cut, dims)
-                path.unlink()
-        self._buffer[chain] = []
-        self._start[chain] = kept
-        self._bytes[chain] = 0
+        path = self.folder.draws_path(chain)
+        draws: DrawFile | None = None
+        if kept == 0:
+            path.unlink(missing_ok=True)
+        elif not path.is_file():
+            raise ValueError(
+                f"{path} is missing but the chain's checkpoint counts {kept} draws; the run "
+                "folder is damaged (start the run again with overwrite=True)"
+            )
+        else:
+            draws = DrawFile(path)
+            draws.truncate(kept)
+        self._files[chain] = draws
+        self._buffers.pop(chain, None)
+        self._waiting[chain] = 0
+        self._kept[chain] = kept
 
     def write(self, chain: int, draw: int, record: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        """Buffer one draw (``draw`` must follow the previous one)."""
-        expected = self._start[chain] + len(self._buffer[chain])
+        """Add one draw (``draw`` must follow the previous one)."""
+        expected = self._kept[chain]
         if draw != expected:
             raise ValueError(f"chain {chain}: draw {draw} written where draw {expected} was due")
-        self._buffer[chain].append(record)
-        self._bytes[chain] += sum(np.asarray(v).nbytes for g in record.values() for v in g.values())
+        draws = self._files[chain]
+        if draws is None:
+            draws = self._files[chain] = DrawFile.create(
+                self.folder.draws_path(chain), chain, record
+            )
+        buffer = self._buffers.get(chain)
+        if buffer is None:
+            size = max(1, _APPEND_BYTES // max(1, draws.record.itemsize))
+            buffer = self._buffers[chain] = np.empty(size, draws.record)
+        waiting = self._waiting[chain]
+        draws.encode(record, buffer[waiting : waiting + 1])
+        self._waiting[chain] = waiting + 1
+        self._kept[chain] = draw + 1
+        if waiting + 1 == len(buffer):
+            self.flush(chain)
 
     def pending_bytes(self, chain: int) -> int:
-        """Bytes buffered for ``chain``."""
-        return self._bytes.get(chain, 0)
+        """Bytes of ``chain`` not yet handed to the file (at most 1 MiB or one draw)."""
+        buffer = self._buffers.get(chain)
+        return 0 if buffer is None else self._waiting[chain] * buffer.itemsize
 
     def kept(self, chain: int) -> int:
-        """Draws of ``chain`` written (flushed or buffered)."""
-        return self._start.get(chain, 0) + len(self._buffer.get(chain, []))
+        """Draws of ``chain`` written (appended or waiting)."""
+        return self._kept.get(chain, 0)
 
     def flush(self, chain: int) -> None:
-        """Publish the buffered draws of ``chain`` as one file."""
-        records = self._buffer.get(chain)
-        if not records:
+        """Append the waiting draws of ``chain`` to its file."""
+        waiting = self._waiting.get(chain, 0)
+        if not waiting:
             return
-        start = self._start[chain]
-        stop = start + len(records)
-        arrays: dict[str, dict[str, np.ndarray]] = {}
-        dims: dict[str, dict[str, tuple[str, ...]]] = {}
-        for group in schema.DRAW_GROUPS:
-            names = records[0].get(group)
-            if not names:
-                continue
-            data = {name: np.stack([r[group][name] for r in records])[None] for name in names}
-            variables = schema.draw_variables(group, data, (1, len(records)))
-            arrays[group] = {v: values[0] for v, (_, values) in variables.items()}
-            dims[group] = {v: d for v, (d, _) in variables.items()}
-        self._write(chain, start, stop, arrays, dims)
-        self._buffer[chain] = []
-        self._start[chain] = stop
-        self._bytes[chain] = 0
-
-    def _write(
-        self,
-        chain: int,
-        start: int,
-        stop: int,
-        arrays: Mapping[str, Mapping[str, np.ndarray]],
-        dims: Mapping[str, Mapping[str, tuple[str, ...]]],
-    ) -> None:
-        path = self.folder.chain_dir(chain) / f"draws_{start:07d}_{stop:07d}.h5"
-        with _io.atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
-            handle.attrs.update(created_by="bayesflat", chain=chain, start=start, stop=stop)
-            for group, variables in arrays.items():
-                for name, values in variables.items():
-                    dataset = handle.create_dataset(f"{group}/{name}", data=values)
-                    dataset.attrs["dims"] = json.dumps(dims[group][name])
+        draws = self._files[chain]
+        assert draws is not None
+        with open(draws.path, "ab") as handle:
+            handle.write(self._buffers[chain][:waiting].data)
+        self._waiting[chain] = 0
 
     def finish(self, static: Static, *, complete: bool, reason: str = "") -> Any:
         """Assemble ``trace.nc`` from the draw files (complete runs) and return the trace."""
+        for chain in list(self._waiting):
+            self.flush(chain)
         kept = [self.kept(c) for c in range(self.chains)]
         if complete:
-            assemble_trace(self.folder, static, kept)
-            return load_folder(self.folder.path, lazy=True)
+            return assemble_trace(self.folder, static, kept)
         return _partial_trace(self.folder, static, kept, reason)
 
 
-def read_draws(
-    path: Path,
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, tuple[str, ...]]]]:
-    """The arrays (``(draws, ...)``, by group and encoded name) and dimensions of a draw file."""
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    dims: dict[str, dict[str, tuple[str, ...]]] = {}
-    try:
-        with h5py.File(path, "r") as handle:
-            for group, variables in handle.items():
-                for name, dataset in variables.items():
-                    arrays.setdefault(group, {})[name] = dataset[()]
-                    dims.setdefault(group, {})[name] = tuple(json.loads(dataset.attrs["dims"]))
-    except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable draw file: {err}") from err
-    return arrays, dims
-
-
-def _pieces(folder: RunFolder, kept: Sequence[int]) -> list[list[tuple[int, int, Any]]]:
-    pieces = []
+def _draw_files(folder: RunFolder, kept: Sequence[int]) -> list[DrawFile | None]:
+    files = []
     for chain, count in enumerate(kept):
-        chain_pieces = []
-        for start, stop, path in folder.draw_files(chain):
-            if start >= count:
-                continue
-            stop = min(stop, count)
-
-            def read(path: Path = path, n: int = stop - start) -> dict[str, dict[str, np.ndarray]]:
-                arrays, _ = read_draws(path)
-                return {g: {v: a[:n] for v, a in vs.items()} for g, vs in arrays.items()}
-
-            chain_pieces.append((start, stop, read))
-        pieces.append(chain_pieces)
-    return pieces
+        path = folder.draws_path(chain)
+        files.append(DrawFile(path) if count and path.is_file() else None)
+    return files
 
 
-def _layout(folder: RunFolder, kept: Sequence[int]) -> tuple[dict, dict[str, int]]:
-    for chain, count in enumerate(kept):
-        for start, _stop, path in folder.draw_files(chain):
-            if start < count:
-                arrays, dims = read_draws(path)
-                layout = {
-                    g: {v: (dims[g][v], arrays[g][v].dtype) for v in vs} for g, vs in arrays.items()
-                }
-                sizes = {
-                    d: size
-                    for g, vs in arrays.items()
-                    for v, a in vs.items()
-                    for d, size in zip(dims[g][v][2:], a.shape[1:], strict=True)
-                }
-                return layout, sizes
-    raise ValueError(f"no chain of the run in {folder.path} kept a draw")
+def _pieces(files: Sequence[DrawFile | None], kept: Sequence[int]) -> list[Any]:
+    return [
+        draws.blocks(count) if draws is not None else ()
+        for draws, count in zip(files, kept, strict=True)
+    ]
 
 
-def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> Path:
-    """Write the folder's ``trace.nc`` from its draw files, then remove the draw files."""
+def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> Any:
+    """Write the folder's ``trace.nc`` from its draw files, then remove the draw files.
+
+    Returns the trace of ``trace.nc``, its arrays read from the file when they are used.
+    """
     root = static.run_attrs(kept, complete=True, reason="")
     settings, kinds = schema.encode_attrs(root)
     stamp = schema.provenance()
     encoded = {**stamp, **settings, schema.KINDS_KEY: json.dumps(kinds, sort_keys=True)}
-    layout, sizes = _layout(folder, kept)
-    write_concatenated(
+    files = _draw_files(folder, kept)
+    first = next((f for f in files if f is not None), None)
+    if first is None:
+        raise ValueError(f"no chain of the run in {folder.path} kept a draw")
+    layout: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {}
+    sizes: dict[str, int] = {}
+    for group, name, dims, dtype, shape in first.variables:
+        layout.setdefault(group, {})[name] = (("chain", "draw", *dims), dtype)
+        sizes.update(zip(dims, shape, strict=True))
+    parts, stored_root = write_concatenated(
         folder.trace_nc,
         layout=layout,
         sizes=sizes,
-        pieces=_pieces(folder, kept),
+        pieces=_pieces(files, kept),
         draws=max(kept),
         static=static_groups(static.observed_data, static.constant_data),
         root=encoded,
@@ -392,24 +536,21 @@ def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> Pa
         },
     )
     for chain in range(len(kept)):
-        for _start, _stop, path in folder.draw_files(chain):
-            path.unlink()
-    return folder.trace_nc
+        folder.draws_path(chain).unlink(missing_ok=True)
+    return assemble(parts, stored_root)
 
 
 def _partial_trace(folder: RunFolder, static: Static, kept: Sequence[int], reason: str) -> Any:
     sink = MemorySink(len(kept), max(1, max(kept, default=0)))
-    for chain, chain_pieces in enumerate(_pieces(folder, kept)):
+    for chain, blocks in enumerate(_pieces(_draw_files(folder, kept), kept)):
         sink.begin(chain, 0)
-        for start, stop, read in chain_pieces:
-            arrays = read()
+        for start, stop, arrays in blocks:
             for i in range(stop - start):
                 record = {
                     g: {schema.decode_name(v): a[i] for v, a in vs.items()}
                     for g, vs in arrays.items()
                 }
                 sink.write(chain, start + i, record)
-        sink.begin(chain, min(kept[chain], sink.kept(chain)))
     return sink.finish(static, complete=False, reason=reason)
 
 

@@ -12,14 +12,19 @@ number of draws.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5netcdf
+import h5netcdf.attrs
+import h5py
 import numpy as np
 import xarray as xr
+from xarray.backends import BackendArray
+from xarray.core import indexing
 
 from bayesflat import _io
 from bayesflat.trace import schema
@@ -157,14 +162,18 @@ def write_concatenated(
     *,
     layout: Layout,
     sizes: Mapping[str, int],
-    pieces: Sequence[Sequence[tuple[int, int, Callable[[], Arrays]]]],
+    pieces: Sequence[Iterable[tuple[int, int, Arrays]]],
     draws: int,
     static: Mapping[str, xr.Dataset],
     root: dict[str, Any],
     coords: Mapping[str, Sequence[Any]] | None = None,
     group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Path:
+) -> tuple[dict[str, xr.Dataset], dict[str, Any]]:
     """Write a trace whose draw groups are assembled from pieces, one piece in memory at once.
+
+    The file is laid out with h5py in one pass, object for object as xarray's h5netcdf writer
+    lays it out (which reopens the file for every group and spends milliseconds on the
+    bookkeeping of every variable), then the pieces are copied into its draw variables.
 
     Parameters
     ----------
@@ -175,9 +184,9 @@ def write_concatenated(
         :func:`bayesflat.trace.schema.draw_variables` gives them.
     sizes : mapping of str to int
         Size of every dimension other than ``chain`` and ``draw``.
-    pieces : per chain, a list of ``(start, stop, read)``
-        ``read()`` returns the arrays of draws ``start..stop-1`` of that chain, keyed by group
-        and encoded variable name, each of shape ``(stop - start, ...)``.
+    pieces : per chain, an iterable of ``(start, stop, arrays)``
+        The arrays of draws ``start..stop-1`` of that chain, keyed by group and encoded
+        variable name, each of shape ``(stop - start, ...)``; consumed one at a time.
     draws : int
         Length of the ``draw`` dimension; draws no piece covers are NaN.
     static : mapping of str to Dataset
@@ -188,56 +197,175 @@ def write_concatenated(
         Labels of dimensions that are not ``0..size-1``.
     group_attrs : mapping, optional
         Attributes of each draw group.
+
+    Returns
+    -------
+    (dict of str to Dataset, dict)
+        What :func:`open_groups` with ``lazy=True`` gives for the file: its groups, the draw
+        variables read from the file when used, and its root attributes.
     """
     path = Path(path)
     chains = len(pieces)
+    labels: dict[str, dict[str, np.ndarray]] = {}
+    for group in schema.DRAW_GROUPS:
+        if group not in layout:
+            continue
+        dims = {d for variable_dims, _ in layout[group].values() for d in variable_dims}
+        labels[group] = {}
+        for dim in sorted(dims):
+            if dim == "chain":
+                labels[group][dim] = np.arange(chains)
+            elif dim == "draw":
+                labels[group][dim] = np.arange(draws)
+            elif coords and dim in coords:
+                labels[group][dim] = np.asarray(coords[dim])
+            else:
+                labels[group][dim] = np.arange(sizes[dim])
     with _io.atomic_path(path) as temporary:
-        xr.Dataset(attrs=root).to_netcdf(temporary, mode="w", engine="h5netcdf")
-        for group in schema.DRAW_GROUPS:
-            if group not in layout:
-                continue
-            dims = {d for variable_dims, _ in layout[group].values() for d in variable_dims}
-            labels = {}
-            for dim in sorted(dims):
-                if dim == "chain":
-                    labels[dim] = np.arange(chains)
-                elif dim == "draw":
-                    labels[dim] = np.arange(draws)
-                elif coords and dim in coords:
-                    labels[dim] = np.asarray(coords[dim])
-                else:
-                    labels[dim] = np.arange(sizes[dim])
-            attrs = dict((group_attrs or {}).get(group, {}))
-            xr.Dataset(coords=labels, attrs=attrs).to_netcdf(
-                temporary, mode="a", group=group, engine="h5netcdf"
-            )
-        for name in schema.GROUPS:
-            if name in static:
-                static[name].to_netcdf(temporary, mode="a", group=name, engine="h5netcdf")
-        with h5netcdf.File(temporary, "a") as out:
-            targets = {
-                (group, var): _create(out.groups[group], var, dims, dtype)
-                for group, variables in layout.items()
-                for var, (dims, dtype) in variables.items()
-            }
+        with h5netcdf.File(temporary, "w") as out:
+            out.attrs.update(root)
+        with h5py.File(temporary, "r+") as out:
+            ids = itertools.count()
+            for group, group_labels in labels.items():
+                node = _group(out, group, (group_attrs or {}).get(group, {}))
+                for dim, values in group_labels.items():
+                    _coordinate(node, dim, values, next(ids))
+                for var, (dims, dtype) in layout[group].items():
+                    _draw_variable(node, var, dims, dtype)
+            for name in schema.GROUPS:
+                if name in static:
+                    _dataset(_group(out, name, static[name].attrs), static[name], ids)
             for chain, chain_pieces in enumerate(pieces):
-                for start, stop, read in chain_pieces:
-                    for group, variables in read().items():
+                for start, stop, arrays in chain_pieces:
+                    for group, variables in arrays.items():
                         for var, values in variables.items():
-                            target = targets[(group, var)]
-                            if target.attrs.get("dtype") == "bool":
+                            if np.dtype(layout[group][var][1]).kind == "b":
                                 values = (np.nan_to_num(values) > 0.5).astype(np.int8)
-                            target[chain, start:stop] = values
-    return path
+                            out[group][var][chain, start:stop] = values
+    stored = _StoredFile(path)
+    parts: dict[str, xr.Dataset] = {}
+    with h5py.File(path, "r") as handle:
+        file_root = _attributes(handle)
+        for name in schema.GROUPS:
+            if name in labels:
+                variables = {
+                    var: xr.Variable(dims, stored.lazy(f"{name}/{var}", dims, dtype, labels[name]))
+                    for var, (dims, dtype) in layout[name].items()
+                }
+                parts[name] = xr.Dataset(
+                    variables, coords=labels[name], attrs=_attributes(handle[name])
+                )
+            elif name in static:
+                parts[name] = static[name]
+    return parts, file_root
 
 
-def _create(group: Any, name: str, dims: tuple[str, ...], dtype: Any) -> Any:
-    """A netCDF variable; bools as int8 with ``dtype="bool"``, as xarray encodes them."""
-    if np.dtype(dtype).kind == "b":
-        variable = group.create_variable(name, dimensions=dims, dtype=np.int8, fillvalue=None)
-        variable.attrs["dtype"] = "bool"
-        return variable
-    return group.create_variable(name, dimensions=dims, dtype=dtype, fillvalue=_fill(dtype))
+def _group(parent: h5py.Group, name: str, attrs: Mapping[str, Any]) -> h5py.Group:
+    """A netCDF group with attributes stored as h5netcdf stores them."""
+    node = parent.create_group(name, track_order=True)
+    h5netcdf.attrs.Attributes(node.attrs, lambda dtype: None, h5py).update(attrs)
+    return node
+
+
+def _coordinate(node: h5py.Group, dim: str, values: np.ndarray, dimid: int) -> None:
+    """The dimension ``dim`` of a netCDF group with its labels, as h5netcdf writes it."""
+    string = values.dtype.kind in "UO"
+    fill = None if string else _fill(values.dtype)
+    scale = node.create_dataset(
+        dim,
+        data=values.astype(object) if string else values,
+        dtype=h5py.string_dtype() if string else values.dtype,
+        fillvalue=fill,
+        track_order=True,
+    )
+    scale.make_scale(dim)
+    scale.attrs["_Netcdf4Dimid"] = np.int32(dimid)
+    scale.attrs["_Netcdf4Coordinates"] = np.array([dimid], np.int32)
+    if fill is not None:
+        scale.attrs["_FillValue"] = np.array([fill], values.dtype)
+
+
+def _draw_variable(node: h5py.Group, name: str, dims: tuple[str, ...], dtype: Any) -> None:
+    """A netCDF variable over dimensions that ``node`` already holds, made with h5py.
+
+    It is the dataset, dimension-scale links and attributes h5netcdf's ``create_variable``
+    writes (``_Netcdf4Coordinates``: the dimension ids; ``_Netcdf4Dimid``: the first one's;
+    ``_FillValue``), encoded as xarray encodes it (bools as int8 with ``dtype="bool"``).
+    """
+    dtype = np.dtype(dtype)
+    scales = [node[d] for d in dims]
+    shape = tuple(len(scale) for scale in scales)
+    boolean = dtype.kind == "b"
+    fill = None if boolean else _fill(dtype)
+    dataset = node.create_dataset(
+        name, shape, dtype=np.int8 if boolean else dtype, fillvalue=fill, track_order=True
+    )
+    for axis, scale in enumerate(scales):
+        dataset.dims[axis].attach_scale(scale)
+    ids = [int(scale.attrs["_Netcdf4Dimid"]) for scale in scales]
+    dataset.attrs["_Netcdf4Coordinates"] = np.array(ids, np.int32)
+    dataset.attrs["_Netcdf4Dimid"] = np.int32(ids[0])
+    if fill is not None:
+        dataset.attrs["_FillValue"] = np.array([fill], dtype)
+    if boolean:
+        dataset.attrs["dtype"] = "bool"
+
+
+def _dataset(node: h5py.Group, data: xr.Dataset, ids: Iterator[int]) -> None:
+    """Write ``data`` (a label for every dimension, no encoding) into the group ``node``."""
+    for dim in data.sizes:
+        _coordinate(node, str(dim), data[dim].values, next(ids))
+    for name, variable in data.data_vars.items():
+        _draw_variable(node, str(name), tuple(map(str, variable.dims)), variable.dtype)
+        values = variable.values
+        node[str(name)][...] = values.astype(np.int8) if values.dtype.kind == "b" else values
+
+
+def _attributes(node: Any) -> dict[str, Any]:
+    """A file's or group's attributes as xarray's h5netcdf reader gives them."""
+    attributes = h5netcdf.attrs.Attributes(node.attrs, lambda dtype: None, h5py)
+    return {
+        key: value.decode() if isinstance(value, bytes) else value
+        for key, value in attributes.items()
+    }
+
+
+class _StoredFile:
+    """A trace file whose variables are read when used, through one h5py handle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: h5py.File | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_handle": None}  # a copy opens the file itself
+
+    def read(self, name: str, key: tuple[Any, ...]) -> np.ndarray:
+        if self._handle is None:
+            self._handle = h5py.File(self.path, "r")
+        return self._handle[name][key]
+
+    def lazy(
+        self, name: str, dims: tuple[str, ...], dtype: Any, labels: Mapping[str, np.ndarray]
+    ) -> Any:
+        shape = tuple(len(labels[d]) for d in dims)
+        array = indexing.LazilyIndexedArray(_StoredArray(self, name, shape, np.dtype(dtype)))
+        return indexing.MemoryCachedArray(indexing.CopyOnWriteArray(array))
+
+
+class _StoredArray(BackendArray):
+    """One variable of a :class:`_StoredFile` (bools stored as int8, as xarray stores them)."""
+
+    def __init__(self, file: _StoredFile, name: str, shape: tuple[int, ...], dtype: Any) -> None:
+        self.file, self.name, self.shape, self.dtype = file, name, shape, dtype
+
+    def __getitem__(self, key: Any) -> Any:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER_1VECTOR, self._read
+        )
+
+    def _read(self, key: tuple[Any, ...]) -> np.ndarray:
+        return self.file.read(self.name, key).astype(self.dtype, copy=False)
 
 
 def _fill(dtype: Any) -> Any:
