@@ -428,15 +428,37 @@ def _size(train: Any) -> int:
     return len(train[1]) if isinstance(train, tuple) else len(train)
 
 
+def _check_run_arguments(args: argparse.Namespace) -> None:
+    """Refuse a missing path, an output that is a file or an unknown sampler at once.
+
+    These checks need neither torch nor the data, so a typo fails before the seconds that
+    importing them takes; every other setting is checked where it is used.
+    """
+    from bayesflat import samplers
+
+    if args.resume is not None:
+        if not args.resume.exists():
+            raise CLIError(f"--resume {args.resume}: no run there ({args.resume} does not exist)")
+        return  # the stored recipe holds the other settings
+    samplers.entry(args.sampler)
+    if args.data is not None:
+        _existing(Path(args.data), "--data an image set (see `bayesflat run --help`)")
+        for path in args.ood:
+            _existing(Path(path), "--ood an image set (see `bayesflat run --help`)")
+    if args.output is not None and args.output.exists() and not args.output.is_dir():
+        raise CLIError(f"output={str(args.output)!r} is a file; give a folder for the run")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Sample a posterior; write ``trace.nc``, ``metrics.json`` and ``report.html``."""
+    report_options = _report_options(args)
+    _check_run_arguments(args)
     import bayesflat
     from bayesflat.report import build_report
     from bayesflat.run.sinks import RunFolder
 
     rank, world = _process_group()
     say = print if rank == 0 else (lambda *a, **k: None)
-    report_options = _report_options(args)
     settings = {k: getattr(args, k) for k in _RECIPE_KEYS}
     if args.resume is not None:
         folder = RunFolder(args.resume)
@@ -595,20 +617,34 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def samplers_command(args: argparse.Namespace) -> int:
-    """List the registry: name, kind, one-line summary, paper."""
+    """List the registry: name, kind, one-line summary, paper, and the options with defaults.
+
+    Reads the registry's table only (torch is not imported).
+    """
     from bayesflat import samplers
 
     entries = samplers.describe()
     args.payload = [
         {"name": e.name, "kind": "sampler" if e.is_sampler else "optimiser",
-         "summary": e.summary, "reference": e.reference}
+         "summary": e.summary, "reference": e.reference, "options": _json_ready(e.options)}
         for e in entries
     ]  # fmt: skip
     width = max(len(e.name) for e in entries)
     for e in entries:
         kind = "sampler" if e.is_sampler else "optimiser"
         print(f"{e.name:<{width}}  {kind:<9}  {e.summary}  [{e.reference}]")
+        if e.options:
+            options = ", ".join(f"{k}={v!r}" for k, v in e.options.items())
+            print(f"{'':<{width}}  {'':<9}  options: {options}")
     return 0
+
+
+def _json_ready(options: dict[str, Any]) -> dict[str, Any]:
+    """Option defaults for JSON: a non-finite number as its text (``inf``)."""
+    return {
+        k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+        for k, v in options.items()
+    }
 
 
 def diagnose_command(args: argparse.Namespace) -> int:

@@ -478,13 +478,17 @@ def test_every_option_has_help_showing_its_default(capsys):
     assert all(c.name in text for c in cli.COMMANDS)
 
 
-def test_help_and_path_errors_do_not_import_torch():
+def test_help_listing_and_path_errors_do_not_import_torch():
     code = ("import sys\nfrom bayesflat import cli\n"
-            "for argv in (['run', '--help'], ['report', 'missing.nc']):\n"
+            "for argv in (['run', '--help'], ['report', 'missing.nc'], ['samplers'],\n"
+            "             ['samplers', '--json'], ['run', '--data', 'missing.npz'],\n"
+            "             ['run', '--data', '.', '--ood', 'missing.npz'],\n"
+            "             ['run', '--resume', 'missing'], ['run', '--sampler', 'hmc'],\n"
+            "             ['run', '--output', 'pyproject.toml']):\n"
             "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'xarray', 'pandas', 'arviz', 'matplotlib') "
             "if m in sys.modules))")  # fmt: skip
-    proc = _python("-c", code)
+    proc = _python("-c", code, cwd=REPO)
     out, err = proc.communicate(timeout=120)
     assert out.strip().splitlines()[-1] == "[]", err
 

@@ -23,6 +23,7 @@ from bayesflat.samplers import (
     Sampler,
     coupled_sigma,
     exclude_from_perturbation,
+    registry,
 )
 from bayesflat.target.torch import Posterior
 
@@ -625,3 +626,29 @@ def test_registry():
         assert issubclass(entry.cls, Sampler)
     assert not samplers.entry("sgd").is_sampler
     assert samplers.entry("fsgld").is_sampler
+
+
+@pytest.mark.parametrize("row", registry.BUILTIN, ids=lambda row: row.name)
+def test_registry_table_describes_its_class(row):
+    # The table is read without importing torch; this keeps it equal to the classes.
+    cls = row.cls
+    module, _, name = row.target.partition(":")
+    assert (cls.__module__, cls.__name__, cls.name) == (module, name, row.name)
+    assert getattr(samplers, name) is cls
+    assert list(row.defaults.items()) == list(registry.class_defaults(cls).items())
+    assert row.defaults["temperature"] == (1.0 if row.is_sampler else 0.0)
+    assert row.options == {k: v for k, v in row.defaults.items() if k not in ("lr", "temperature")}
+    assert samplers.entry(row.name) is row
+
+
+def test_registry_takes_a_class_with_the_defaults_of_its_signature():
+    class Quiet(SGLD):
+        def __init__(self, params, lr=0.25, *, num_data, temperature=0.5, quiet=True,
+                     generator=None):  # fmt: skip
+            super().__init__(params, lr, num_data=num_data, temperature=temperature,
+                             generator=generator)  # fmt: skip
+
+    entry = samplers.RegistryEntry("quiet", Quiet, "summary", "reference")
+    assert entry.cls is Quiet
+    assert dict(entry.defaults) == {"lr": 0.25, "temperature": 0.5, "quiet": True}
+    assert entry.options == {"quiet": True}
