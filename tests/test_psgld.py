@@ -273,8 +273,8 @@ def test_frozen_mode_needs_adapt_steps_and_a_burn_in():
 def test_run_engine_binds_adapt_steps_to_half_the_burn_in(tmp_path):
     out = tmp_path / "run"
     budget = ["--chains", "1", "--draws", "3", "--burn-in", "4", "--thin", "1", "--lr", "1e-3"]
-    assert cli.main(["run", "--sampler", "psgld", *budget, "--no-progress", "--replicates",
-                     "2", "--output", str(out)]) == 0  # fmt: skip
+    assert cli.main(["run", "--sampler", "psgld", *budget, "--no-progress", "--no-report",
+                     "--replicates", "2", "--output", str(out)]) == 0  # fmt: skip
     tr = btrace.load(out / "trace.nc")
     assert btrace.trace_attrs(tr)["adapt_steps"] == 2
     assert btrace.trace_attrs(tr)["preconditioner"] == "frozen"
