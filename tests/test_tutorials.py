@@ -1,26 +1,39 @@
 """The tutorials run end to end on a reduced budget and print what their text promises.
 
-Each script runs in a subprocess with ``BAYESFLAT_TUTORIAL_QUICK=1`` (a smoke-test budget of a
-few seconds) in a fresh folder, as a reader would run it; the checks parse its output.
+Each script runs with ``BAYESFLAT_TUTORIAL_QUICK=1`` (a smoke-test budget of a few seconds) in a
+fresh folder; the checks parse its output. One runs as a reader would run it, in a fresh
+interpreter; the others run in this process as ``__main__`` (a fresh interpreter would spend
+most of their time importing torch, ArviZ and matplotlib again), with the global state a script
+may change saved and restored around it.
 """
 
+import contextlib
 import math
 import os
+import random
 import re
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import bayesflat
+from bayesflat import samplers
 from bayesflat import trace as btrace
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NUMBER = r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
+IN_A_FRESH_INTERPRETER = "02_samplers_as_optimizers.py"
+"""The tutorial run with ``python tutorials/NAME`` (it registers a sampler, the others do not)."""
 
 
 def run_tutorial(name: str, cwd: Path) -> str:
+    """``python tutorials/NAME`` in ``cwd`` with the quick budget; its standard output."""
     env = {**os.environ, "BAYESFLAT_TUTORIAL_QUICK": "1"}
     result = subprocess.run(
         [sys.executable, str(TUTORIALS / name)],
@@ -32,6 +45,39 @@ def run_tutorial(name: str, cwd: Path) -> str:
     )
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+@contextlib.contextmanager
+def _restored_globals():
+    """Restore what a script may change in this process: RNG states, the sampler registry,
+    torch's thread count, warning filters and open matplotlib figures."""
+    # pyro.set_rng_seed seeds numpy's legacy global generator too
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    registry = dict(samplers._REGISTRY)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])  # noqa: NPY002
+        random.setstate(states[2])
+        samplers._REGISTRY.clear()
+        samplers._REGISTRY.update(registry)
+        torch.set_num_threads(threads)
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")
+
+
+def run_tutorial_here(name: str, cwd: Path, monkeypatch, capsys) -> str:
+    """Run the tutorial as ``__main__`` in this process, in ``cwd`` with the quick budget."""
+    monkeypatch.setenv("BAYESFLAT_TUTORIAL_QUICK", "1")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(TUTORIALS / name)])
+    capsys.readouterr()
+    with _restored_globals():
+        runpy.run_path(str(TUTORIALS / name), run_name="__main__")
+    return capsys.readouterr().out
 
 
 def number(pattern: str, text: str) -> float:
@@ -134,6 +180,9 @@ def test_every_tutorial_is_checked_and_listed():
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
-def test_tutorial_runs(name, tmp_path):
-    out = run_tutorial(name, tmp_path)
+def test_tutorial_runs(name, tmp_path, monkeypatch, capsys):
+    if name == IN_A_FRESH_INTERPRETER:
+        out = run_tutorial(name, tmp_path)
+    else:
+        out = run_tutorial_here(name, tmp_path, monkeypatch, capsys)
     CHECKS[name](out, tmp_path)
