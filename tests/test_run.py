@@ -303,16 +303,17 @@ def _every_file_readable(folder: Path) -> None:
             json.loads(path.read_text())
 
 
-def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path):
+def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path, capsys):
     from bayesflat import cli
 
-    # The uninterrupted run needs no process of its own; the killed one does.
+    # The uninterrupted run, the refused resume and the last resume need no process of their
+    # own; the killed ones do.
     assert cli.main([*RUN[3:], "--output", str(tmp_path / "straight")]) == 0
     folder = tmp_path / "killed"
     rng = np.random.default_rng(2024)
     kills = 0
     proc = _cli(["--output", str(folder)])
-    while kills < 5:
+    while proc is not None:
         # Wait for the run to get going (a checkpoint), then kill it a random moment later.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -327,15 +328,16 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_p
         kills += 1
         _every_file_readable(folder)
         if kills == 1 and (folder / ".lock").exists():  # reported, with how to clear it
-            refused = _cli(["--resume", str(folder)])
-            assert refused.wait(timeout=300) == 1
-            message = refused.stderr.read().decode()
+            capsys.readouterr()
+            assert cli.main([*RUN[3:], "--resume", str(folder)]) == 1
+            message = capsys.readouterr().err
             assert f"{folder} has a stale lock: process {proc.pid}" in message
             assert f"remove {folder / '.lock'}" in message
         (folder / ".lock").unlink(missing_ok=True)
-        proc = _cli(["--resume", str(folder)])
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+        proc = _cli(["--resume", str(folder)]) if kills < 5 else None
+    assert proc is None, f"the run ended before kill {kills + 1}: {proc.stderr.read().decode()}"
     assert kills >= 5
+    assert cli.main([*RUN[3:], "--resume", str(folder)]) == 0
     _every_file_readable(folder)
     assert not list(folder.rglob(".*.tmp"))
     assert_same_draws(bayesflat.load(tmp_path / "straight"), bayesflat.load(folder))
