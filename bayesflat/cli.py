@@ -439,6 +439,8 @@ def _check_run_arguments(args: argparse.Namespace) -> None:
     if args.resume is not None:
         if not args.resume.exists():
             raise CLIError(f"--resume {args.resume}: no run there ({args.resume} does not exist)")
+        if not (args.resume / "run.json").is_file():
+            raise CLIError(f"--resume {args.resume}: no run there (run.json is missing)")
         return  # the stored recipe holds the other settings
     samplers.entry(args.sampler)
     if args.data is not None:
@@ -462,8 +464,6 @@ def run_command(args: argparse.Namespace) -> int:
     settings = {k: getattr(args, k) for k in _RECIPE_KEYS}
     if args.resume is not None:
         folder = RunFolder(args.resume)
-        if not folder.exists():
-            raise CLIError(f"--resume {args.resume}: no run there (run.json is missing)")
         recipe = folder.read_meta().get("recipe") or {}
         stored = recipe.get("args")
         if stored is None:
