@@ -275,6 +275,11 @@ def _main(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+SHARES_FILES = pytest.mark.xdist_group("test_bad_inputs.files")
+"""Tests that use ``files``: one xdist worker runs them all, so the fixture is built once
+(``--dist loadgroup``)."""
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A finished run, and broken or foreign files around it."""
@@ -376,6 +381,7 @@ CLI_CASES = [
 ]  # fmt: skip
 
 
+@SHARES_FILES
 @pytest.mark.parametrize(("argv", "status", "pattern"), [c[1:] for c in CLI_CASES],
                          ids=[c[0] for c in CLI_CASES])  # fmt: skip
 def test_command_line_refuses_bad_input_with_one_line(files, argv, status, pattern):
@@ -422,6 +428,7 @@ def test_a_failing_statistic_stops_the_run_naming_it_and_keeps_the_draws_before(
     assert btrace.trace_attrs(err.value.trace)["draws_kept"] == [2]
 
 
+@SHARES_FILES
 def test_reports_are_replaced_whole_or_not_at_all(files, tmp_path, monkeypatch):
     (tmp_path / "metrics.json").write_text("{}\n")
     (tmp_path / "report.html").write_text("<p>previous page</p>\n")
@@ -442,6 +449,7 @@ def test_reports_are_replaced_whole_or_not_at_all(files, tmp_path, monkeypatch):
     assert json.loads((files / "run" / "diagnostics.json").read_text())["sections"]
 
 
+@SHARES_FILES
 def test_json_and_quiet_output(files):
     code, out, err = _main(["report", str(files / "run"), "--output", str(files / "json"),
                             "--replicates", "20", "--json"])  # fmt: skip

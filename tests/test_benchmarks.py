@@ -29,6 +29,11 @@ def step_time():
     sys.modules.pop(spec.name, None)
 
 
+SHARES_QUICK_RUN = pytest.mark.xdist_group("test_benchmarks.quick_run")
+"""Tests that use ``quick_run``: one xdist worker runs them all, so the fixture is built once
+(``--dist loadgroup``)."""
+
+
 @pytest.fixture(scope="module")
 def quick_run(step_time, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -36,6 +41,7 @@ def quick_run(step_time, tmp_path_factory):
     return out, results
 
 
+@SHARES_QUICK_RUN
 def test_quick_run_writes_markdown_and_json(step_time, quick_run):
     out, results = quick_run
     md = (out / "step_time.md").read_text()
@@ -61,6 +67,7 @@ def test_quick_run_writes_markdown_and_json(step_time, quick_run):
     assert "Claim fSGLD / SGD <= 1.03" in md
 
 
+@SHARES_QUICK_RUN
 def test_every_registered_method_in_both_cases(step_time, quick_run):
     _, results = quick_run
     registered = samplers.available()
@@ -70,6 +77,7 @@ def test_every_registered_method_in_both_cases(step_time, quick_run):
     assert list(mlp["methods"]) == ["torch_sgd", *step_time.REFERENCES, *external, *registered]
 
 
+@SHARES_QUICK_RUN
 def test_posteriors_row_is_timed_when_installed(step_time, quick_run):
     out, results = quick_run
     pytest.importorskip("posteriors")
@@ -126,6 +134,7 @@ def test_posteriors_log_posterior_is_minus_the_potential(step_time, build, shape
         torch.testing.assert_close(grads[name], -p.grad, msg=name)
 
 
+@SHARES_QUICK_RUN
 def test_every_method_has_its_columns(step_time, quick_run):
     _, results = quick_run
     for case in results["cases"].values():
@@ -145,6 +154,7 @@ def test_every_method_has_its_columns(step_time, quick_run):
         assert case["methods"]["torch_sgd"]["cpu"]["ratio_median"] == 1.0
 
 
+@SHARES_QUICK_RUN
 def test_methods_run_at_the_driver_temperatures(quick_run):
     _, results = quick_run
     for case in results["cases"].values():
@@ -154,6 +164,7 @@ def test_methods_run_at_the_driver_temperatures(quick_run):
             assert method["kind"] == ("sampler" if entry.is_sampler else "optimiser")
 
 
+@SHARES_QUICK_RUN
 def test_markdown_lists_every_method(quick_run):
     out, results = quick_run
     md = (out / "step_time.md").read_text()
@@ -162,6 +173,7 @@ def test_markdown_lists_every_method(quick_run):
             assert f"| `{name}` |" in md
 
 
+@SHARES_QUICK_RUN
 def test_methods_table_has_one_row_per_registered_method(quick_run):
     out, _ = quick_run
     table = (out / "methods_table.md").read_text()

@@ -23,6 +23,11 @@ def _main(argv):
     return code, out.getvalue(), err.getvalue()
 
 
+SHARES_RUNS = pytest.mark.xdist_group("test_cli.runs")
+"""Tests that use ``runs``: one xdist worker runs them all, so the fixture is built once
+(``--dist loadgroup``)."""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
@@ -34,6 +39,7 @@ def runs(tmp_path_factory):
     return results
 
 
+@SHARES_RUNS
 @pytest.mark.parametrize("sampler", ["fsgld", "sgd"])
 def test_run_writes_trace_metrics_and_report(runs, sampler):
     folder, code, out, _ = runs[sampler]
@@ -60,6 +66,7 @@ def test_run_without_report_writes_trace_and_metrics_only(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
+@SHARES_RUNS
 @pytest.mark.parametrize("target", ["folder", "trace file"])
 def test_report_command_reproduces_the_run_numbers(runs, tmp_path, target):
     folder, *_ = runs["sgd"] if target == "folder" else runs["fsgld"]
@@ -71,6 +78,7 @@ def test_report_command_reproduces_the_run_numbers(runs, tmp_path, target):
     assert (tmp_path / "report.html").is_file()
 
 
+@SHARES_RUNS
 def test_compare_command_writes_table_html_json_and_png(runs, tmp_path):
     folders = [str(runs[s][0]) for s in ("fsgld", "sgd")]
     code, out, _ = _main(["compare", *folders, "--output", str(tmp_path)])

@@ -19,6 +19,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ESTIMATE = re.compile(r"\d+\.\d{4} ± \d+\.\d{4}")
 
 
+SHARES_SAMPLED = pytest.mark.xdist_group("test_report.sampled")
+"""Tests that use ``sampled``: one xdist worker runs them all, so the fixture is built once
+(``--dist loadgroup``)."""
+
+
 @pytest.fixture(scope="module")
 def sampled():
     digits = bdata.load_digits_split(val_size=0.1)
@@ -70,6 +75,7 @@ def _metric_entries(node, path=""):
             yield from _metric_entries(child, f"{path}/{i}")
 
 
+@SHARES_SAMPLED
 def test_report_json_has_every_field_with_finite_numbers(sampled):
     _, rep = sampled
     s = json.loads(rep.to_json())
@@ -111,6 +117,7 @@ def test_report_json_has_every_field_with_finite_numbers(sampled):
         assert math.isfinite(entry["mc_error"]) and entry["mc_error"] >= 0, path
 
 
+@SHARES_SAMPLED
 def test_report_numbers_match_the_metrics(sampled):
     trace, rep = sampled
     test = predictive.from_trace(trace, "test")
@@ -126,6 +133,7 @@ def test_report_numbers_match_the_metrics(sampled):
     assert got == pytest.approx(expected, rel=1e-9)
 
 
+@SHARES_SAMPLED
 def test_html_embeds_images_and_tables(sampled):
     _, rep = sampled
     page = rep.to_html()
@@ -143,6 +151,7 @@ def test_html_embeds_images_and_tables(sampled):
     assert len(ESTIMATE.findall(page)) > 50
 
 
+@SHARES_SAMPLED
 def test_save_writes_json_and_html(sampled, tmp_path):
     _, rep = sampled
     paths = rep.save(tmp_path / "out")
@@ -150,6 +159,7 @@ def test_save_writes_json_and_html(sampled, tmp_path):
     assert paths["html"].read_text(encoding="utf-8") == rep.to_html()
 
 
+@SHARES_SAMPLED
 def test_headline_table_lists_accuracy_nll_ece_and_auroc(sampled):
     _, rep = sampled
     text = rep.headline()
@@ -158,6 +168,7 @@ def test_headline_table_lists_accuracy_nll_ece_and_auroc(sampled):
     assert len(ESTIMATE.findall(text)) >= 8
 
 
+@SHARES_SAMPLED
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(sampled, tmp_path):
     from PIL import Image
@@ -216,6 +227,7 @@ def test_report_rejects_traces_without_labelled_sets():
         report.build_report(_synthetic(), val="test")
 
 
+@SHARES_SAMPLED
 def test_compare_puts_runs_side_by_side(sampled, tmp_path):
     _, rep = sampled
     other = report.build_report(
@@ -238,6 +250,7 @@ def test_compare_puts_runs_side_by_side(sampled, tmp_path):
     assert "data:image/png;base64," in paths["html"].read_text(encoding="utf-8")
 
 
+@SHARES_SAMPLED
 def test_load_summary_reads_run_folders_json_and_traces(sampled, tmp_path):
     trace, rep = sampled
     rep.save(tmp_path / "run")
@@ -252,6 +265,7 @@ def test_load_summary_reads_run_folders_json_and_traces(sampled, tmp_path):
         report.load_summary(tmp_path)
 
 
+@SHARES_SAMPLED
 def test_report_carries_the_diagnostics_table(sampled):
     from bayesflat.diagnostics.report import diagnose
 
