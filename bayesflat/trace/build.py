@@ -213,10 +213,11 @@ def groups(trace: Trace) -> dict[str, xr.Dataset]:
     return {name: getattr(trace, name) for name in trace.groups()}
 
 
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 8 * 2**20
 """Default size of the slabs :func:`draw_chunks` reads, in bytes of float64 values: large
-enough that reading a slab costs little beside computing on it, small beside the ~400 MiB a
-process with torch, ArviZ and matplotlib loaded starts from."""
+enough that reading a slab costs little beside computing on it, small enough that the few
+working copies made of it stay a few percent of the ~450 MiB a process with torch, ArviZ and
+matplotlib loaded starts from."""
 
 
 def draw_chunks(
