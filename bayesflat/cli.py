@@ -881,6 +881,28 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+def _return_large_blocks() -> None:
+    """Serve every allocation of 1 MiB or more from its own mapping (glibc's ``mallopt``,
+    ``M_MMAP_THRESHOLD``), so that it goes back to the system when freed.
+
+    glibc raises that threshold each time a large block is freed; the slabs of draws the
+    report reads one after another then come from the heap and fragment it, and the peak
+    memory of ``bayesflat run`` grew with the number of draws read (measured: +25% from 100
+    to 2000 draws, +8% with the threshold fixed). A no-op where the C library has no
+    ``mallopt``.
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(1 << 20))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayesflat`` command.
 
@@ -888,6 +910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (one line on stderr), 2 on a usage error, 130 on Ctrl-C (one line saying what was kept).
     """
     _restore_sigint()
+    if argv is None:  # the command's own process, not a call from Python
+        _return_large_blocks()
     args: argparse.Namespace | None = None
     name = "bayesflat"
     try:
