@@ -21,6 +21,7 @@ TESTS = [
     "tests/test_predictive.py", "tests/test_report.py", "tests/test_convergence.py",
     "tests/test_diagnose_cli.py", "tests/test_verdict.py", "tests/test_loo.py",
     "tests/test_divergence.py", "tests/test_arviz_layout.py", "tests/test_streaming.py",
+    "tests/test_sinks.py",
 ]  # fmt: skip
 
 
