@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, logsumexp, softmax
+from scipy.special import log_softmax, softmax
 
 from bayesflat._checks import check_choice, check_int
 
-from ._validation import check_labels, check_logits, check_probs
+from ._validation import check_labels, check_logits, check_probs, logsumexp_rows
 
 __all__ = [
     "PROB_FLOOR",
@@ -384,7 +384,7 @@ def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (1e-2, 1e2)
 
     def mean_nll(log_t: float) -> float:
         inv_t = np.exp(-log_t)
-        return float(np.mean(logsumexp(z * inv_t, axis=1) - z_true * inv_t))
+        return float(np.mean(logsumexp_rows(z * inv_t) - z_true * inv_t))
 
     result = minimize_scalar(
         mean_nll, bounds=(np.log(lo), np.log(hi)), method="bounded", options={"xatol": 1e-9}

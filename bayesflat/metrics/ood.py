@@ -20,7 +20,7 @@ import numpy as np
 from scipy.special import entr
 from scipy.stats import rankdata
 
-from ._validation import check_logits, check_probs, check_scores
+from ._validation import check_logits, check_probs, check_scores, logsumexp_rows
 
 __all__ = [
     "aupr_in",
@@ -154,15 +154,7 @@ def energy_score(logits, *, temperature: float = 1.0) -> np.ndarray:
     if not (isinstance(temperature, int | float | np.number) and 0 < temperature < np.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     z = check_logits(logits, "logits")
-    return -temperature * _logsumexp(z / temperature)
-
-
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    """``log sum_k exp(z_ik)``, shifted by the row maximum (a row of -inf gives -inf)."""
-    top = z.max(axis=1, keepdims=True)
-    top[~np.isfinite(top)] = 0.0
-    with np.errstate(divide="ignore"):
-        return (top + np.log(np.exp(z - top).sum(axis=1, keepdims=True)))[:, 0]
+    return -temperature * logsumexp_rows(z / temperature)
 
 
 def _pooled(scores_in, scores_out) -> tuple[np.ndarray, np.ndarray]:
