@@ -149,6 +149,17 @@ class Ensemble:
         """Number of inputs n."""
         return int(self.probs.shape[2])
 
+    @property
+    def classes(self) -> int:
+        """Number of classes K."""
+        return int(self.probs.shape[3])
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and logits (or None) of draws ``start .. stop - 1`` of every chain,
+        as :meth:`StoredEnsemble.read` gives them."""
+        logits = None if self.logits is None else self.logits[:, start:stop]
+        return self.probs[:, start:stop], logits
+
     def mean(self) -> np.ndarray:
         """The pooled BMA over all chains and draws, float64 ``(n, K)`` (see :func:`bma`)."""
         return bma(self.probs)
@@ -590,24 +601,16 @@ def feature_slabs(
                 "same draws"
             )
     per_draw = sum(
-        n_chains * src.size * (src.probs.shape[3] if isinstance(src, Ensemble) else src.classes)
-        * (1 + sum(k in ("probs", "votes") for k in kinds[key]))
+        n_chains * src.size * src.classes * (1 + sum(k in ("probs", "votes") for k in kinds[key]))
         for key, src in sources.items()
-    )  # fmt: skip
+    )
     step = _slab_draws(per_draw, chunk_bytes)
     for d0 in range(0, n_draws, step):
         slab: dict[tuple[str, str], np.ndarray] = {}
         for key, src in sources.items():
-            probs, logits = _read(src, d0, min(n_draws, d0 + step))
+            probs, logits = src.read(d0, min(n_draws, d0 + step))
             slab.update(set_features(key, probs, logits, kinds[key]))
         yield slab
-
-
-def _read(src: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-    if isinstance(src, Ensemble):
-        logits = None if src.logits is None else src.logits[:, start:stop]
-        return src.probs[:, start:stop], logits
-    return src.read(start, stop)
 
 
 def nll_per_draw_of(src: Any, *, chunk_bytes: int | None = None) -> np.ndarray:
@@ -1149,9 +1152,7 @@ def calibration_fn(
         p = _renormalise(avg[key, "probs"])
         out = _calibration_scalars(p, labels, n_bins)
         if val is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                t = metrics.fit_temperature(_log(_renormalise(avg[val[1], "probs"])), val[0])
+            t = _fit_temperature(_renormalise(avg[val[1], "probs"]), val[0])
             scaled = metrics.apply_temperature(_log(p), t)
             out["temperature"] = t
             for name, v in _calibration_scalars(scaled, labels, n_bins).items():
@@ -1159,6 +1160,14 @@ def calibration_fn(
         return out
 
     return fn
+
+
+def _fit_temperature(p: np.ndarray, labels: np.ndarray) -> float:
+    """:func:`bayesflat.metrics.fit_temperature` of averaged probabilities (a zero among them
+    is a log of -inf, not a warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return metrics.fit_temperature(_log(p), labels)
 
 
 def _calibration_scalars(p: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:

@@ -39,7 +39,7 @@ from bayesflat import trace as _trace
 from bayesflat._draws import DrawSums
 from bayesflat.diagnostics.report import diagnose
 from bayesflat.diagnostics.verdict import trace_verdict, verdict_html, verdict_text
-from bayesflat.predictive import Estimate
+from bayesflat.predictive import Estimate, _fit_temperature, _log, _renormalise
 
 __all__ = [
     "FORMAT",
@@ -668,7 +668,7 @@ def _pooled_predictions(
         raw = _renormalise(avg[test.name, "probs"])
         scaled = None
         if val is not None:
-            t = _fit_quietly(_renormalise(avg[val.name, "probs"]), val.labels)
+            t = _fit_temperature(_renormalise(avg[val.name, "probs"]), val.labels)
             scaled = metrics.apply_temperature(_log(raw), t)
         return raw, scaled, test.labels
     raws, scaleds = [], []
@@ -676,27 +676,10 @@ def _pooled_predictions(
         raw = _renormalise(sums.last[test.name, "probs"][c])
         raws.append(raw)
         if val is not None:
-            t = _fit_quietly(_renormalise(sums.last[val.name, "probs"][c]), val.labels)
+            t = _fit_temperature(_renormalise(sums.last[val.name, "probs"][c]), val.labels)
             scaleds.append(metrics.apply_temperature(_log(raw), t))
     labels = np.tile(test.labels, test.chains)
     return np.concatenate(raws), (np.concatenate(scaleds) if scaleds else None), labels
-
-
-def _renormalise(p: np.ndarray) -> np.ndarray:
-    return p / p.sum(axis=-1, keepdims=True)
-
-
-def _fit_quietly(p: np.ndarray, labels: np.ndarray) -> float:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return metrics.fit_temperature(_log(p), labels)
-
-
-def _log(p: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.log(p)
 
 
 def _uncertainty_fn(name: str, single: bool) -> Any:
