@@ -200,3 +200,20 @@ def test_rank_based_auroc_and_ap_equal_sklearn_with_ties():
         assert abs(ood.auroc(s_in, s_out) - roc_auc_score(y, s)) < 1e-12
         assert abs(ood.aupr_out(s_in, s_out) - average_precision_score(y, s)) < 1e-12
         assert abs(ood.aupr_in(s_in, s_out) - average_precision_score(1 - y, -s)) < 1e-12
+
+
+def test_roc_curve_equals_sklearn_and_its_area_is_auroc():
+    from bayesflat.metrics import ood
+
+    rng = np.random.default_rng(11)
+    for _ in range(100):
+        decimals = int(rng.integers(0, 3))  # 0 decimals: many ties, which form one point each
+        s_in = np.round(rng.normal(size=int(rng.integers(1, 60))), decimals)
+        s_out = np.round(rng.normal(0.7, size=int(rng.integers(1, 60))), decimals)
+        y = np.r_[np.zeros(s_in.size), np.ones(s_out.size)]
+        fpr, tpr, thresholds = ood.roc_curve(s_in, s_out)
+        ref = roc_curve(y, np.r_[s_in, s_out], drop_intermediate=False)
+        np.testing.assert_array_equal(fpr, ref[0])
+        np.testing.assert_array_equal(tpr, ref[1])
+        np.testing.assert_array_equal(thresholds, ref[2])
+        assert np.trapezoid(tpr, fpr) == pytest.approx(ood.auroc(s_in, s_out), abs=1e-12)

@@ -31,6 +31,7 @@ from .ood import (
     max_softmax_score,
     mutual_information_score,
     ood_summary,
+    roc_curve,
 )
 from .uncertainty import bootstrap_metric, per_chain_spread
 
@@ -59,4 +60,5 @@ __all__ = [
     "ood_summary",
     "per_chain_spread",
     "reliability_curve",
+    "roc_curve",
 ]

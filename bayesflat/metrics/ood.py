@@ -33,6 +33,7 @@ __all__ = [
     "max_softmax_score",
     "mutual_information_score",
     "ood_summary",
+    "roc_curve",
 ]
 
 
@@ -164,16 +165,59 @@ def _pooled(scores_in, scores_out) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([s_in, s_out]), is_ood
 
 
-def _average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
-    # Step-wise AP over the distinct score values, highest first (sklearn's definition);
-    # written with numpy because bootstrap error bars call it hundreds of times per report.
+def _threshold_counts(
+    scores: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct scores, highest first, with the positives and negatives scoring at or above
+    each: the points of the ROC and precision-recall curves (ties form one point)."""
     order = np.argsort(-scores, kind="mergesort")
     ranked, hits = scores[order], positive[order]
     ends = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
     tp = np.cumsum(hits)[ends]
-    precision = tp / (ends + 1)
+    return ranked[ends], tp, ends + 1 - tp
+
+
+def _average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    # Step-wise AP over the distinct score values, highest first (sklearn's definition);
+    # written with numpy because bootstrap error bars call it hundreds of times per report.
+    _, tp, fp = _threshold_counts(scores, positive)
+    precision = tp / (tp + fp)
     recall = tp / tp[-1]
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def roc_curve(scores_in, scores_out) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""ROC curve for detecting OOD inputs: one point per distinct score threshold.
+
+    An example is flagged as OOD when its score is :math:`\ge t`; for each threshold
+    :math:`t` (the distinct pooled scores, highest first, after a leading :math:`+\infty`
+    that flags nothing)
+
+    .. math:: \mathrm{FPR}(t) = \frac1{n_{in}} \sum_i \mathbb 1[s^{in}_i \ge t], \qquad
+       \mathrm{TPR}(t) = \frac1{n_{out}} \sum_j \mathbb 1[s^{out}_j \ge t].
+
+    Equals ``sklearn.metrics.roc_curve(is_ood, scores, drop_intermediate=False)``; the
+    trapezoidal area under it is :func:`auroc`.
+
+    Parameters
+    ----------
+    scores_in : array_like, shape (n_in,)
+        Scores of in-distribution examples.
+    scores_out : array_like, shape (n_out,)
+        Scores of OOD examples (the positive class; a higher score means more OOD).
+
+    Returns
+    -------
+    fpr, tpr : ndarray, shape (m + 1,)
+        False and true positive rates, non-decreasing from 0 to 1; ``m`` distinct scores.
+    thresholds : ndarray, shape (m + 1,)
+        ``+inf`` followed by the distinct scores in decreasing order.
+    """
+    scores, is_ood = _pooled(scores_in, scores_out)
+    thresholds, tp, fp = _threshold_counts(scores, is_ood)
+    fpr = np.r_[0.0, fp / fp[-1]]
+    tpr = np.r_[0.0, tp / tp[-1]]
+    return fpr, tpr, np.r_[np.inf, thresholds]
 
 
 def auroc(scores_in, scores_out) -> float:
