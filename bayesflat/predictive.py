@@ -67,6 +67,7 @@ __all__ = [
     "ood_fn",
     "scores_of",
     "set_features",
+    "softmax",
     "stored_probabilities",
     "ood_detection",
     "ood_scores",
@@ -425,13 +426,32 @@ def _stored_sets(predictions: Any, attrs: Mapping[str, Any]) -> dict[str, tuple[
     return sets
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """``exp(log_softmax(z))`` over the class axis in float32: the operation the run engine
-    stores probabilities with, so stored and recomputed probabilities are the same numbers."""
-    import torch
+def softmax(logits: Any) -> np.ndarray:
+    r"""Class probabilities from logits, in float32: the operation every stored probability
+    of bayesflat comes from.
 
-    z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
-    return torch.log_softmax(z, dim=-1).exp().numpy()
+    .. math:: p_k = \frac{e^{z_k - m}}{\sum_j e^{z_j - m}}, \qquad m = \max_j z_j,
+
+    over the last axis, each row computed on its own in float32. The sampling driver stores
+    probabilities with it and readers recompute them with it from stored logits, so a trace
+    that keeps logits only gives the same numbers, bit for bit, as one that stored
+    probabilities; it needs NumPy only, so reading a trace does not import torch.
+
+    Parameters
+    ----------
+    logits : array_like, shape (..., K)
+        Unnormalised log-probabilities (any float dtype; computed in float32).
+
+    Returns
+    -------
+    ndarray, shape (..., K), float32
+        Rows on the probability simplex (to float32 rounding).
+    """
+    z = np.array(logits, dtype=np.float32, order="C", copy=True)
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
 
 
 def stored_probabilities(trace: Any, name: str) -> np.ndarray:
@@ -444,7 +464,7 @@ def stored_probabilities(trace: Any, name: str) -> np.ndarray:
         raise ValueError(f"the trace has no predictions for the evaluation set {name!r}")
     probs_var, logits_var = sets[var]
     if probs_var == logits_var:
-        return _softmax(predictions[logits_var].values)
+        return softmax(predictions[logits_var].values)
     return predictions[probs_var].values
 
 
@@ -552,7 +572,7 @@ class StoredEnsemble:
         each ``(C, stop - start, n, K)``."""
         where = {"chain": self._chains, "draw": slice(start, stop)}
         logits = None if self._logits is None else np.asarray(self._logits[where].values)
-        probs = _softmax(logits) if self._softmax else np.asarray(self._probs[where].values)
+        probs = softmax(logits) if self._softmax else np.asarray(self._probs[where].values)
         return probs, logits
 
     def load(self) -> Ensemble:
@@ -677,8 +697,8 @@ def predict(
     For every chain c and draw d the stored weights are loaded into a copy of ``model`` (one
     draw's ``state_dict`` at a time) and ``x`` is passed through in batches of ``batch_size``
     in eval mode without gradients:
-    :math:`p^{(c,d)} = \operatorname{softmax}(f_{\theta^{(c,d)}}(x))`, computed as
-    ``exp(log_softmax(logits))`` in float32, as the sampling driver stores them.
+    :math:`p^{(c,d)} = \operatorname{softmax}(f_{\theta^{(c,d)}}(x))`, computed by
+    :func:`softmax` in float32, as the sampling driver stores them.
 
     Parameters
     ----------
@@ -768,7 +788,7 @@ def predict(
                     shape = (len(chains), n_draws, *out.shape)
                     probs, logits = np.empty(shape, np.float32), np.empty(shape, np.float32)
                 logits[i, d] = out.cpu().numpy()
-                probs[i, d] = torch.log_softmax(out, dim=-1).exp().cpu().numpy()
+                probs[i, d] = softmax(logits[i, d])
     return Ensemble(probs, labels, logits, name)
 
 

@@ -260,3 +260,30 @@ def test_state_dict_at_reproduces_a_stored_draw(mlp_run):
     np.testing.assert_allclose(probs, stored, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         predictive.state_dict_at(trace, 2, 0)
+
+
+def test_softmax_is_computed_row_by_row_in_float32():
+    """Each row's probabilities depend on that row alone (not on the slab it is read in, the
+    array's layout or its leading shape), which is what makes stored and recomputed
+    probabilities equal bit for bit; and they are the softmax to float32 rounding."""
+    from scipy.special import softmax as reference
+
+    rng = np.random.default_rng(3)
+    for classes in (2, 10, 100):
+        z = rng.normal(scale=6.0, size=(3, 17, 11, classes)).astype(np.float32)
+        p = predictive.softmax(z)
+        assert p.dtype == np.float32 and p.shape == z.shape
+        slabs = np.concatenate([predictive.softmax(z[:, a : a + 4]) for a in range(0, 17, 4)], 1)
+        assert np.array_equal(p, slabs)
+        assert np.array_equal(p, predictive.softmax(np.asfortranarray(z)))
+        assert np.array_equal(p[1, 5, 7], predictive.softmax(z[1, 5, 7]))
+        z64 = z.astype(np.float64)
+        exact = reference(z64, axis=-1)
+        # Rounding the shift z - max to float32 moves exp by |z - max| 2^-24 relative; exp,
+        # the sum and the division add a few roundings of 2^-24 each.
+        shift = np.abs(z64 - z64.max(axis=-1, keepdims=True))
+        bound = (shift + 8.0) * 2.0**-24 * exact + 2.0**-149
+        assert np.all(np.abs(p - exact) <= bound)
+    # a huge logit does not overflow: the row maximum is subtracted first
+    big = predictive.softmax(np.array([[1e30, 0.0], [-1e30, 0.0]], dtype=np.float32))
+    assert np.array_equal(big, np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32))

@@ -10,6 +10,11 @@ Three ways to use them:
   ``bayesflat diagnose TRACE`` command and the report section (``report``).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from bayesflat.diagnostics.convergence import (
     DEFAULT_THRESHOLDS,
     ConvergenceRow,
@@ -23,35 +28,6 @@ from bayesflat.diagnostics.convergence import (
     true_class_probability,
     weight_projections,
 )
-from bayesflat.diagnostics.flatness import (
-    CurvatureOperator,
-    EigenResult,
-    HessianOperator,
-    PerturbationGap,
-    SpectralDensity,
-    TraceEstimate,
-    hessian_trace,
-    hutchinson,
-    layer_weights,
-    perturbation_loss_gap,
-    select_parameters,
-    spectral_density,
-    top_eigenvalues,
-)
-from bayesflat.diagnostics.noise import (
-    DirectionalAlignment,
-    GaussNewtonOperator,
-    NoiseAlignment,
-    iter_per_example_gradients,
-    noise_alignment,
-    per_example_gradients,
-)
-from bayesflat.diagnostics.recording import (
-    DIAGNOSTIC_NAMES,
-    Budget,
-    diagnostic_stats,
-    recorded_names,
-)
 from bayesflat.diagnostics.report import (
     DIAGNOSE_THRESHOLDS,
     Diagnosis,
@@ -61,6 +37,37 @@ from bayesflat.diagnostics.report import (
     write_diagnostics,
 )
 from bayesflat.diagnostics.verdict import VERDICT_THRESHOLDS, Verdict, trace_verdict, verdict
+
+if TYPE_CHECKING:
+    from bayesflat.diagnostics.flatness import (
+        CurvatureOperator,
+        EigenResult,
+        HessianOperator,
+        PerturbationGap,
+        SpectralDensity,
+        TraceEstimate,
+        hessian_trace,
+        hutchinson,
+        layer_weights,
+        perturbation_loss_gap,
+        select_parameters,
+        spectral_density,
+        top_eigenvalues,
+    )
+    from bayesflat.diagnostics.noise import (
+        DirectionalAlignment,
+        GaussNewtonOperator,
+        NoiseAlignment,
+        iter_per_example_gradients,
+        noise_alignment,
+        per_example_gradients,
+    )
+    from bayesflat.diagnostics.recording import (
+        DIAGNOSTIC_NAMES,
+        Budget,
+        diagnostic_stats,
+        recorded_names,
+    )
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -108,3 +115,35 @@ __all__ = [
     "weight_projections",
     "write_diagnostics",
 ]
+
+_TORCH_MODULES: dict[str, tuple[str, ...]] = {
+    "flatness": (
+        "CurvatureOperator", "EigenResult", "HessianOperator", "PerturbationGap",
+        "SpectralDensity", "TraceEstimate", "hessian_trace", "hutchinson", "layer_weights",
+        "perturbation_loss_gap", "select_parameters", "spectral_density", "top_eigenvalues",
+    ),
+    "noise": (
+        "DirectionalAlignment", "GaussNewtonOperator", "NoiseAlignment",
+        "iter_per_example_gradients", "noise_alignment", "per_example_gradients",
+    ),
+    "recording": ("DIAGNOSTIC_NAMES", "Budget", "diagnostic_stats", "recorded_names"),
+}  # fmt: skip
+"""Modules that import torch, and their public names: loaded on first use, so reading and
+summarising a trace (convergence, verdicts, the report) does not pay torch's import."""
+
+_LAZY = {name: module for module, names in _TORCH_MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a torch-bound name or module on first use (PEP 562)."""
+    if name in _TORCH_MODULES:
+        return importlib.import_module(f"bayesflat.diagnostics.{name}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bayesflat.diagnostics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"bayesflat.diagnostics.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -261,7 +261,7 @@ def functionals(
     preds = grp.get("predictions")
     observed = grp.get("observed_data")
     if preds is not None and observed is not None:
-        from bayesflat.predictive import _softmax, _stored_sets
+        from bayesflat.predictive import _stored_sets, softmax
         from bayesflat.trace import trace_attrs
 
         if attrs is None:  # a trace has root attributes; a plain mapping of groups has none
@@ -277,7 +277,7 @@ def functionals(
             nll, p_true = [], []
             dims = ("chain", "draw", preds[stored].dims[2], "class")
             for _, probs in draw_chunks(preds[stored].transpose(*dims)):
-                probs = _softmax(probs) if stored == logits else probs
+                probs = softmax(probs) if stored == logits else probs
                 nll.append(nll_per_draw(probs, labels))
                 p_true.append(true_class_probability(probs, labels, picked))
             out[f"nll_{name}"] = np.concatenate(nll, axis=1)

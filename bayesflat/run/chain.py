@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
+from bayesflat.predictive import softmax
 from bayesflat.run.checkpoint import ChainState, snapshot
 from bayesflat.run.spec import ChainContext, RunSpec, chain_seeds, make_sampler
 from bayesflat.run.stream import MinibatchStream
@@ -88,9 +89,9 @@ class Computed:
     ``train_outputs`` are the outputs on the training points of the ``log_likelihood`` group;
     ``functionals`` the ``posterior`` functionals of the weights (``weight_norm``,
     ``projection``). For a categorical likelihood, ``log_probs`` and ``train_log_probs`` are
-    ``log_softmax`` of those outputs over the classes: the probabilities are their
-    exponentials and the pointwise log-likelihood ``log p(y_i | x_i)`` is the entry of the
-    label.
+    ``log_softmax`` of those outputs over the classes, whose entry at the label is the
+    pointwise log-likelihood ``log p(y_i | x_i)``; stored probabilities always come from
+    :func:`bayesflat.predictive.softmax` of the outputs.
     """
 
     outputs: dict[str, Tensor] | None = None
@@ -220,13 +221,11 @@ class _Recorder:
                     step=-1,
                 )
             dtype = torch.float16 if spec.prediction_dtype == "float16" else torch.float32
-            log_probs = None if computed.log_probs is None else computed.log_probs[s.name]
             if target.categorical:
                 if spec.store_probabilities:
-                    if log_probs is None:
-                        log_probs = torch.log_softmax(outputs.float(), dim=-1)
-                    probs = log_probs.exp()
-                    out["predictions"][s.name] = probs.to(dtype).cpu().numpy()
+                    # the readers' softmax, so logits-only traces give these very numbers
+                    probs = softmax(outputs.float().cpu().numpy())
+                    out["predictions"][s.name] = probs.astype(spec.prediction_dtype, copy=False)
                 if spec.store_logits:
                     logits = outputs.to(dtype).cpu().numpy()
                     out["predictions"][f"{s.name}_logits"] = logits
