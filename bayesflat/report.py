@@ -824,14 +824,43 @@ def headline_table(summary: Mapping[str, Any]) -> str:
 # Figures
 
 
+_MARGINS_IN = {"left": 0.9, "right": 0.15, "bottom": 0.55, "top": 0.38, "wgap": 0.9,
+               "hgap": 0.45}  # fmt: skip
+"""Figure margins and gaps between panels, in inches: room for tick labels, axis labels and
+titles at the report's font sizes."""
+
+
 def _new_figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    return fig
+    return Figure(figsize=(width, height), dpi=110)
+
+
+def _place_panels(fig: Any) -> None:
+    """Fixed margins in inches instead of a layout engine.
+
+    Constrained layout measures every tick label, which draws each figure once more and was
+    the largest single cost of a report; the report's figures have few panels with labels of
+    known size, so margins sized once in inches serve them all."""
+    width, height = fig.get_size_inches()
+    grids = [ax.get_subplotspec().get_gridspec() for ax in fig.axes if ax.get_subplotspec()]
+    ncols = max((g.ncols for g in grids), default=1)
+    nrows = max((g.nrows for g in grids), default=1)
+    m = _MARGINS_IN
+    panel_w = (width - m["left"] - m["right"] - (ncols - 1) * m["wgap"]) / ncols
+    panel_h = (height - m["bottom"] - m["top"] - (nrows - 1) * m["hgap"]) / nrows
+    fig.subplots_adjust(
+        left=m["left"] / width,
+        right=1 - m["right"] / width,
+        bottom=m["bottom"] / height,
+        top=1 - m["top"] / height,
+        wspace=m["wgap"] / panel_w,
+        hspace=m["hgap"] / panel_h,
+    )
 
 
 def _png(fig: Any) -> bytes:
+    _place_panels(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
@@ -935,7 +964,6 @@ def _ood_figures(
     kind: str,
 ) -> None:  # fmt: skip
     from matplotlib.ticker import MaxNLocator
-    from sklearn.metrics import roc_curve
 
     scores = [s for s in report.summary["ood"][name]["scores"] if s in s_in]
     fig = _new_figure(2.9 * len(scores), 2.8)
@@ -961,8 +989,7 @@ def _ood_figures(
     fig = _new_figure(4.4, 4.0)
     ax = fig.subplots()
     for i, score in enumerate(scores):
-        is_ood = np.r_[np.zeros(s_in[score].size), np.ones(s_out[score].size)]
-        fpr, tpr, _ = roc_curve(is_ood, np.r_[s_in[score], s_out[score]])
+        fpr, tpr, _ = metrics.roc_curve(s_in[score], s_out[score])
         ax.plot(fpr, tpr, color=f"C{i}", label=SCORE_LABELS[score])
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(
@@ -1023,6 +1050,8 @@ def _trace_figure(report: Report, trace: Any) -> None:
             x = step[c] if step is not None else np.arange(values.shape[1])
             ax.plot(x, values[c], linewidth=1, color=f"C{c}", label=f"chain {c}")
         ax.set(xlabel="step" if step is not None else "draw", ylabel=labels[key])
+        # scientific offset beyond 10^4: tick labels keep to the width the margins allow
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-4, 4), useOffset=False)
         if values.shape[0] <= 8:
             ax.legend(fontsize=7, frameon=False)
     report.figures["trace"] = _png(fig)

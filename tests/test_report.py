@@ -286,3 +286,38 @@ def test_report_counts_chains_and_draws_from_the_arrays():
     assert rep.summary["run"]["chains"] == 3
     assert rep.summary["run"]["draws"] == 4
     assert rep.summary["ensemble"]["chains"] == 3
+
+
+@SHARES_SAMPLED
+def test_figure_text_stays_inside_the_figure_and_panels_do_not_overlap(sampled, monkeypatch):
+    """Fixed margins replace a layout engine: every label, tick label, title and legend must
+    still fall inside its figure, and no two panels (with their labels) may overlap."""
+    trace, _ = sampled
+    figures = []
+    png = report._png
+
+    def keep(fig):
+        figures.append(fig)
+        return png(fig)
+
+    monkeypatch.setattr(report, "_png", keep)
+    report.build_report(trace, n_boot=20)
+    assert len(figures) >= 6
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for fig in figures:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        # everything drawn (labels, tick labels in view, titles, legends), in inches
+        drawn = fig.get_tightbbox(renderer)
+        width, height = fig.get_size_inches()
+        slack = 0.5 / fig.dpi
+        assert drawn.x0 >= -slack and drawn.y0 >= -slack
+        assert drawn.x1 <= width + slack and drawn.y1 <= height + slack
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                overlap_w = min(a.x1, b.x1) - max(a.x0, b.x0)
+                overlap_h = min(a.y1, b.y1) - max(a.y0, b.y0)
+                assert overlap_w <= 1.0 or overlap_h <= 1.0
