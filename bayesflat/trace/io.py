@@ -137,9 +137,12 @@ def open_groups(path: Path, *, lazy: bool = False) -> tuple[dict[str, xr.Dataset
         root = dict(root_dataset.attrs)
     order = {group: i for i, group in enumerate(schema.GROUPS)}
     parts = {}
+    stored = _StoredFile(path) if lazy else None
     for name in sorted(names, key=lambda group: (order.get(group, len(schema.GROUPS)), group)):
         data = xr.open_dataset(path, group=name, engine="h5netcdf")
-        if not lazy:
+        if stored is not None:
+            data = stored.adopt(name, data)
+        else:
             with data:
                 data.load()
             # What the file said about storage is not part of the trace's value.
@@ -249,7 +252,12 @@ def write_concatenated(
         for name in schema.GROUPS:
             if name in labels:
                 variables = {
-                    var: xr.Variable(dims, stored.lazy(f"{name}/{var}", dims, dtype, labels[name]))
+                    var: xr.Variable(
+                        dims,
+                        stored.lazy(
+                            f"{name}/{var}", tuple(len(labels[name][d]) for d in dims), dtype
+                        ),
+                    )
                     for var, (dims, dtype) in layout[name].items()
                 }
                 parts[name] = xr.Dataset(
@@ -345,12 +353,50 @@ class _StoredFile:
             self._handle = h5py.File(self.path, "r")
         return self._handle[name][key]
 
-    def lazy(
-        self, name: str, dims: tuple[str, ...], dtype: Any, labels: Mapping[str, np.ndarray]
-    ) -> Any:
-        shape = tuple(len(labels[d]) for d in dims)
+    def close(self) -> None:
+        """Close the handle; a later read opens the file again."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def lazy(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
         array = indexing.LazilyIndexedArray(_StoredArray(self, name, shape, np.dtype(dtype)))
         return indexing.MemoryCachedArray(indexing.CopyOnWriteArray(array))
+
+    def adopt(self, group: str, data: xr.Dataset) -> xr.Dataset:
+        """``data``, a group opened by xarray, with its plain numeric variables read through
+        this file's handle.
+
+        Each read through xarray's h5netcdf backend costs about 2 ms of bookkeeping (netCDF
+        dimension look-ups and padding checks) however small the slab; readers of long traces
+        make hundreds. Variables whose stored values are their values (numbers and bools, no
+        scale, offset, units or fill value other than NaN) are read here instead; the rest keep
+        xarray's decoding. Closing ``data`` closes this handle too.
+        """
+        variables = {}
+        for var, variable in data.data_vars.items():
+            if _plain(variable):
+                lazy = self.lazy(f"{group}/{var}", variable.shape, variable.dtype)
+                variables[var] = xr.Variable(
+                    variable.dims, lazy, attrs=variable.attrs, encoding=variable.encoding
+                )
+        if not variables:
+            return data
+        adopted = data.assign(variables)
+        previous = getattr(data, "_close", None)  # closes xarray's own handle
+        adopted.set_close(_Closers(self.close, *([previous] if previous is not None else [])))
+        return adopted
+
+
+class _Closers:
+    """Close callbacks run in turn (picklable, as a lazily read trace is)."""
+
+    def __init__(self, *closers: Any) -> None:
+        self.closers = closers
+
+    def __call__(self) -> None:
+        for close in self.closers:
+            close()
 
 
 class _StoredArray(BackendArray):
@@ -366,6 +412,23 @@ class _StoredArray(BackendArray):
 
     def _read(self, key: tuple[Any, ...]) -> np.ndarray:
         return self.file.read(self.name, key).astype(self.dtype, copy=False)
+
+
+def _plain(variable: xr.DataArray) -> bool:
+    """Whether xarray's decoding of a stored variable leaves its values as stored: a number
+    type stored as itself, or a bool stored as integers, with no scale, offset, units or fill
+    value other than NaN."""
+    encoding, kind = variable.encoding, variable.dtype.kind
+    stored = np.dtype(encoding.get("dtype", variable.dtype))
+    if kind not in "biuf" or (
+        stored.kind not in "biu" if kind == "b" else stored != variable.dtype
+    ):
+        return False
+    decoded = ("scale_factor", "add_offset", "units", "calendar", "missing_value")
+    if any(k in encoding or k in variable.attrs for k in decoded):
+        return False
+    fill = encoding.get("_FillValue")
+    return fill is None or (kind == "f" and bool(np.isnan(fill)))
 
 
 def _fill(dtype: Any) -> Any:
