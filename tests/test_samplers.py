@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -652,3 +654,42 @@ def test_registry_takes_a_class_with_the_defaults_of_its_signature():
     assert entry.cls is Quiet
     assert dict(entry.defaults) == {"lr": 0.25, "temperature": 0.5, "quiet": True}
     assert entry.options == {"quiet": True}
+
+
+def test_samplers_do_not_load_dynamo_until_the_program_does():
+    """torch.optim.Optimizer's guarded methods import torch._dynamo at their first call, which
+    costs a process more than importing torch. A sampler built, stepped, saved and restored in
+    a fresh process leaves it unloaded; in a process that has loaded it, the guarded methods
+    are the ones called."""
+    code = (
+        "import sys, torch\n"
+        "from bayesflat.samplers import get\n"
+        "def run():\n"
+        "    m = torch.nn.Linear(3, 2)\n"
+        "    opt = get('fsgld')(m.parameters(), lr=0.01, num_data=10, temperature=1.0)\n"
+        "    def closure():\n"
+        "        opt.zero_grad()\n"
+        "        loss = m(torch.ones(4, 3)).pow(2).mean()\n"
+        "        loss.backward()\n"
+        "        return loss\n"
+        "    opt.step(closure)\n"
+        "    opt.load_state_dict(opt.state_dict())\n"
+        "    opt.zero_grad(set_to_none=False)\n"
+        "run()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "import torch._dynamo\n"
+        "calls = []\n"
+        "real = torch._dynamo.disable\n"
+        "def disable(fn, *a, **k):\n"
+        "    calls.append(fn.__name__)\n"
+        "    return real(fn, *a, **k)\n"
+        "torch._dynamo.disable = disable\n"
+        "run()\n"
+        "print(sorted(set(calls)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loaded, guarded = result.stdout.strip().splitlines()
+    assert loaded == "False"
+    assert guarded == "['add_param_group', 'load_state_dict', 'state_dict', 'zero_grad']"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -280,6 +281,32 @@ class Dynamics:
         return {"dynamics": self.name}
 
 
+def _optimizer_method(name: str) -> Callable[..., Any]:
+    """:class:`torch.optim.Optimizer`'s method ``name``, past its dynamo guard while dynamo is
+    not loaded.
+
+    torch guards ``add_param_group``, ``zero_grad``, ``state_dict`` and ``load_state_dict``
+    with ``torch._disable_dynamo``, which imports ``torch._dynamo`` at its first call (1.3-1.8 s
+    of CPU, more than importing torch) only so that dynamo does not trace into them. Nothing
+    traces before dynamo is imported, so until then the undecorated method is called; in a
+    program that has imported dynamo (``torch.compile``), the guarded one is.
+    """
+    guarded = getattr(torch.optim.Optimizer, name)
+    plain = getattr(guarded, "__wrapped__", guarded)
+
+    def call(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        method = guarded if "torch._dynamo" in sys.modules else plain
+        return method(self, *args, **kwargs)
+
+    return call
+
+
+_add_param_group = _optimizer_method("add_param_group")
+_zero_grad = _optimizer_method("zero_grad")
+_state_dict = _optimizer_method("state_dict")
+_load_state_dict = _optimizer_method("load_state_dict")
+
+
 class Sampler(torch.optim.Optimizer):
     """An SG-MCMC sampler: a :class:`GradientEstimator` followed by a :class:`Dynamics`.
 
@@ -342,7 +369,7 @@ class Sampler(torch.optim.Optimizer):
     # -- param groups ---------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        _add_param_group(self, param_group)
         group = self.param_groups[-1]
         group.setdefault("step", 0)
         schedules = {
@@ -393,7 +420,7 @@ class Sampler(torch.optim.Optimizer):
         whole step takes about 1 ms (``benchmarks/step_time.py``).
         """
         if not set_to_none:
-            super().zero_grad(set_to_none=False)
+            _zero_grad(self, set_to_none=False)
             return
         for p in self._params:
             p.grad = None
@@ -550,7 +577,7 @@ class Sampler(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state plus the chain's generator state (for exact resumption)."""
-        state = super().state_dict()
+        state = _state_dict(self)
         for group in state["param_groups"]:
             group.pop("schedules", None)
         if self.generator is not None:
@@ -562,7 +589,7 @@ class Sampler(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         generator_state = state_dict.pop("generator_state", None)
         schedules = [g["schedules"] for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        _load_state_dict(self, state_dict)
         self._resolved = []
         for group, sched in zip(self.param_groups, schedules, strict=True):
             group["schedules"] = sched
