@@ -549,23 +549,6 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     add_report_options(p)
 
 
-def _one_torch_thread() -> None:
-    """Run torch on one thread, without importing it when nothing has.
-
-    The report's only torch work (the softmax of stored logits, for traces that keep logits
-    only) is elementwise on slabs of draws, where more threads than one only add
-    synchronisation. A trace that stores probabilities needs no torch at all, so its import
-    (over a second) is not paid: torch reads ``OMP_NUM_THREADS`` when it is first imported.
-    """
-    import os
-
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
-    else:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
 def report_command(args: argparse.Namespace) -> int:
     """Write ``metrics.json`` and ``report.html`` for a saved trace."""
     report_options = _report_options(args)
@@ -573,7 +556,6 @@ def report_command(args: argparse.Namespace) -> int:
     from bayesflat import trace as btrace
     from bayesflat.report import build_report
 
-    _one_torch_thread()
     report = build_report(btrace.load(path, lazy=True), **report_options)
     paths = report.save(args.output or path.parent)
     args.payload = headline_json(report.summary, list(paths.values()))
