@@ -41,7 +41,7 @@ from bayesflat import metrics
 from bayesflat import trace as _trace
 from bayesflat._checks import check_choice
 from bayesflat._draws import DrawReducer, DrawSums
-from bayesflat.metrics._validation import check_probs
+from bayesflat.metrics._validation import check_probs, class_reduce
 
 __all__ = [
     "ENSEMBLES",
@@ -432,7 +432,8 @@ def softmax(logits: Any) -> np.ndarray:
 
     .. math:: p_k = \frac{e^{z_k - m}}{\sum_j e^{z_j - m}}, \qquad m = \max_j z_j,
 
-    over the last axis, each row computed on its own in float32. The sampling driver stores
+    over the last axis, each row computed on its own in float32 (the maximum and the sum by
+    :func:`bayesflat.metrics._validation.class_reduce`, in class order). The sampling driver stores
     probabilities with it and readers recompute them with it from stored logits, so a trace
     that keeps logits only gives the same numbers, bit for bit, as one that stored
     probabilities; it needs NumPy only, so reading a trace does not import torch.
@@ -448,9 +449,9 @@ def softmax(logits: Any) -> np.ndarray:
         Rows on the probability simplex (to float32 rounding).
     """
     z = np.array(logits, dtype=np.float32, order="C", copy=True)
-    z -= z.max(axis=-1, keepdims=True)
+    z -= class_reduce(np.maximum, z)[..., None]
     np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
+    z /= class_reduce(np.add, z)[..., None]
     return z
 
 

@@ -287,3 +287,22 @@ def test_softmax_is_computed_row_by_row_in_float32():
     # a huge logit does not overflow: the row maximum is subtracted first
     big = predictive.softmax(np.array([[1e30, 0.0], [-1e30, 0.0]], dtype=np.float32))
     assert np.array_equal(big, np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32))
+
+
+def test_class_reduce_folds_each_row_in_class_order():
+    import functools
+
+    from bayesflat.metrics._validation import FEW_CLASSES, class_reduce
+
+    rng = np.random.default_rng(5)
+    for classes in (2, 10, FEW_CLASSES, FEW_CLASSES + 1, 100):
+        a = rng.normal(size=(3, 7, classes)).astype(np.float32)
+        assert np.array_equal(class_reduce(np.maximum, a), a.max(axis=-1))
+        total = class_reduce(np.add, a)
+        assert total.dtype == np.float32 and total.shape == (3, 7)
+        if classes <= FEW_CLASSES:  # the fold itself, row by row
+            fold = functools.reduce(np.add, (a[..., k] for k in range(classes)))
+            assert np.array_equal(total, fold)
+            assert np.array_equal(class_reduce(np.add, a[1:2, 3:5]), fold[1:2, 3:5])
+        exact = a.astype(np.float64).sum(axis=-1)
+        assert np.all(np.abs(total - exact) <= classes * 2.0**-24 * np.abs(a).sum(axis=-1))

@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 ROW_SUM_TOL = 1e-4
+
+FEW_CLASSES = 32
+"""Up to this many classes, :func:`class_reduce` makes one elementwise pass per class."""
 """Largest accepted ``|sum_k p_k - 1|`` for a row of probabilities (float32 softmax sums to 1
 within ~1e-6 for K = 1000)."""
 
@@ -31,6 +34,22 @@ def _float_array(x, name: str) -> np.ndarray:
     return a.astype(np.float64, copy=False)
 
 
+def class_reduce(ufunc: np.ufunc, a: np.ndarray) -> np.ndarray:
+    """``ufunc`` (``np.add``, ``np.maximum``) folded over the last, class axis, in class order.
+
+    NumPy reduces a short last axis row by row, at a fixed cost per row: for ten classes that
+    is three times slower than one elementwise pass per class over all rows, which is what
+    this does up to :data:`FEW_CLASSES` classes (beyond, ``ufunc.reduce``). Each row's result
+    is the fold ``((a_0 op a_1) op a_2) ...`` of that row alone, whatever the other axes.
+    """
+    if a.shape[-1] > FEW_CLASSES:
+        return ufunc.reduce(a, axis=-1)
+    out = a[..., 0].copy()
+    for k in range(1, a.shape[-1]):
+        ufunc(out, a[..., k], out=out)
+    return out
+
+
 def check_probs(probs, name: str = "probs", *, ndim: int = 2) -> np.ndarray:
     """Validate class probabilities whose last axis is the class axis.
 
@@ -51,7 +70,7 @@ def check_probs(probs, name: str = "probs", *, ndim: int = 2) -> np.ndarray:
         raise ValueError(f"{name} must be finite; it contains NaN or inf")
     if np.any(p < 0):
         raise ValueError(f"{name} must be non-negative; its smallest entry is {p.min():.6g}")
-    err = np.abs(p.sum(axis=-1) - 1.0)
+    err = np.abs(class_reduce(np.add, p) - 1.0)
     worst = np.unravel_index(np.argmax(err), err.shape)
     if err[worst] > ROW_SUM_TOL:
         raise ValueError(
@@ -66,8 +85,8 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     (as :func:`check_logits` guarantees), shifted by that maximum. Plain numpy: scipy's
     ``logsumexp`` costs several times more on the small arrays it is called on here, once
     per step of the temperature fit and per draw of the energy score."""
-    top = z.max(axis=1)
-    return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    top = class_reduce(np.maximum, z)
+    return top + np.log(class_reduce(np.add, np.exp(z - top[:, None])))
 
 
 def check_logits(logits, name: str, *, normalized: bool = False) -> np.ndarray:

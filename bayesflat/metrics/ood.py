@@ -20,7 +20,7 @@ import numpy as np
 from scipy.special import entr
 from scipy.stats import rankdata
 
-from ._validation import check_logits, check_probs, check_scores, logsumexp_rows
+from ._validation import check_logits, check_probs, check_scores, class_reduce, logsumexp_rows
 
 __all__ = [
     "aupr_in",
@@ -38,7 +38,7 @@ __all__ = [
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
-    return entr(p).sum(axis=-1)
+    return class_reduce(np.add, entr(p))
 
 
 def _members(member_probs) -> np.ndarray:
