@@ -2,6 +2,7 @@
 
     python benchmarks/cli_time.py            # full run, about 5 minutes on 2 CPUs
     python benchmarks/cli_time.py --quick    # smoke run; its numbers mean nothing
+    python benchmarks/cli_time.py --against 24bae8f   # also the report of another commit
 
 Writes ``results/cli_time.md`` and ``results/cli_time.json``.
 
@@ -12,7 +13,11 @@ What is measured
     ``--help``, ``run --help``, ``samplers``, ``run --data`` on a missing path (an error), and
     ``report`` of the default run's trace (``bayesflat run`` with its defaults, made first).
     The commands are interleaved round by round; the table gives the median and the range
-    over rounds. Goals: under 1 s for the first four, at most 5 s for the report.
+    over rounds. Goals: under 1 s for the first four, at most 5 s for the report. With
+    ``--against REV`` the report of the same trace by the code of commit ``REV`` (a temporary
+    git worktree on ``PYTHONPATH``) joins the rounds, and the median and range of the paired
+    ratios report / report at ``REV`` are given: a comparison that survives the drift of a
+    shared machine's speed, which absolute seconds do not.
 ``default run``
     CPU time (user + system, ``os.wait4``) of ``bayesflat run`` with its defaults, split in
     one instrumented process: imports, ``bayesflat.sample`` (and inside it the sampler
@@ -66,27 +71,36 @@ print(json.dumps({"imports": imports, **spent, "total": total, "code": code}))
 """
 
 
-def _wall(cmd: list[str]) -> tuple[float, int]:
+REPORT = "bayesflat report DEFAULT_RUN"
+
+
+def _wall(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     return time.perf_counter() - start, proc.returncode
 
 
-def commands(trace_dir: Path, rounds: int) -> dict[str, Any]:
+def commands(trace_dir: Path, rounds: int, against: tuple[str, Path] | None = None) -> dict:
     py = [sys.executable, "-m", "bayesflat.cli"]
-    cases = {
-        "bayesflat --help": [*py, "--help"],
-        "bayesflat run --help": [*py, "run", "--help"],
-        "bayesflat samplers": [*py, "samplers"],
-        "bayesflat run --data MISSING (error)": [*py, "run", "--data", str(trace_dir / "none")],
-        "bayesflat report DEFAULT_RUN": [*py, "report", str(trace_dir),
-                                         "--output", str(trace_dir / "again")],
+    report = [*py, "report", str(trace_dir), "--output"]
+    cases: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "bayesflat --help": ([*py, "--help"], None),
+        "bayesflat run --help": ([*py, "run", "--help"], None),
+        "bayesflat samplers": ([*py, "samplers"], None),
+        "bayesflat run --data MISSING (error)": (
+            [*py, "run", "--data", str(trace_dir / "none")], None
+        ),
+        REPORT: ([*report, str(trace_dir / "again")], None),
     }  # fmt: skip
+    if against is not None:
+        rev, tree = against
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        cases[f"{REPORT} at {rev}"] = ([*report, str(trace_dir / "again_rev")], env)
     walls: dict[str, list[float]] = {name: [] for name in cases}
     codes: dict[str, int] = {}
     for _ in range(rounds):
-        for name, cmd in cases.items():
-            wall, code = _wall(cmd)
+        for name, (cmd, env) in cases.items():
+            wall, code = _wall(cmd, env)
             walls[name].append(wall)
             codes[name] = code
     return {
@@ -99,6 +113,22 @@ def commands(trace_dir: Path, rounds: int) -> dict[str, Any]:
         }
         for name, v in walls.items()
     }
+
+
+def paired_ratio(timed: dict[str, Any], rev: str) -> dict[str, Any]:
+    """Per round, the report's wall over the report's wall at ``rev``: median and range."""
+    ratios = [
+        a / b
+        for a, b in zip(timed[REPORT]["walls_s"], timed[f"{REPORT} at {rev}"]["walls_s"],
+                        strict=True)
+    ]  # fmt: skip
+    return {"rev": rev, "median": statistics.median(ratios), "min": min(ratios),
+            "max": max(ratios), "ratios": ratios}  # fmt: skip
+
+
+def _worktree(rev: str, path: Path) -> None:
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=REPO,
+                   check=True, capture_output=True)  # fmt: skip
 
 
 def default_run(out: Path, extra: list[str]) -> dict[str, Any]:
@@ -130,11 +160,18 @@ def _markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|",
     ]
     for name, row in result["commands"].items():
-        goal = "<= 5 s" if "report" in name else "< 1 s"
+        goal = "<= 5 s" if name == REPORT else "(reference)" if "report" in name else "< 1 s"
         lines.append(
             f"| `{name}` | {row['median_s']:.2f} s | {row['min_s']:.2f}-{row['max_s']:.2f} s "
             f"| {row['exit_code']} | {goal} |"
         )
+    paired = result.get("paired")
+    if paired is not None:
+        lines += [
+            "",
+            f"Paired per round, the report over the report at `{paired['rev']}`: "
+            f"**{paired['median']:.3f}** (range {paired['min']:.3f}-{paired['max']:.3f}).",
+        ]
     split = result["default_run"]
     shares = split["shares"]
     lines += [
@@ -161,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run; numbers mean nothing")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the results")
+    parser.add_argument(
+        "--against", metavar="REV", default=None,
+        help="also time the report by the code of this git commit, and the paired ratio",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
@@ -172,7 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(tmp) / "default"
         split = default_run(run_dir, extra)
         rounds = 1 if args.quick else 5
-        timed = commands(run_dir, rounds)
+        against = None
+        if args.against is not None:
+            against = (args.against, Path(tmp) / "against")
+            _worktree(args.against, against[1])
+        try:
+            timed = commands(run_dir, rounds, against)
+        finally:
+            if against is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(against[1])],
+                               cwd=REPO, capture_output=True)  # fmt: skip
     load.append(os.getloadavg()[0])
     result = {
         "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -182,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "quick": args.quick,
         "commands": timed,
+        "paired": None if args.against is None else paired_ratio(timed, args.against),
         "default_run": split,
     }
     args.out.mkdir(parents=True, exist_ok=True)
