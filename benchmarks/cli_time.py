@@ -14,10 +14,11 @@ What is measured
     ``report`` of the default run's trace (``bayesflat run`` with its defaults, made first).
     The commands are interleaved round by round; the table gives the median and the range
     over rounds. Goals: under 1 s for the first four, at most 5 s for the report. With
-    ``--against REV`` the report of the same trace by the code of commit ``REV`` (a temporary
-    git worktree on ``PYTHONPATH``) joins the rounds, and the median and range of the paired
-    ratios report / report at ``REV`` are given: a comparison that survives the drift of a
-    shared machine's speed, which absolute seconds do not.
+    ``--against REV`` the report of the same trace by the code of commit ``REV`` (run in a
+    temporary git worktree, whose package ``python -m`` imports first) joins the rounds, and
+    the median and range of the paired ratios report / report at ``REV`` are given: a
+    comparison that survives the drift of a shared machine's speed, which absolute seconds
+    do not.
 ``default run``
     CPU time (user + system, ``os.wait4``) of ``bayesflat run`` with its defaults, split in
     one instrumented process: imports, ``bayesflat.sample`` (and inside it the sampler
@@ -74,33 +75,33 @@ print(json.dumps({"imports": imports, **spent, "total": total, "code": code}))
 REPORT = "bayesflat report DEFAULT_RUN"
 
 
-def _wall(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+def _wall(cmd: list[str], cwd: Path = REPO) -> tuple[float, int]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     return time.perf_counter() - start, proc.returncode
 
 
 def commands(trace_dir: Path, rounds: int, against: tuple[str, Path] | None = None) -> dict:
     py = [sys.executable, "-m", "bayesflat.cli"]
     report = [*py, "report", str(trace_dir), "--output"]
-    cases: dict[str, tuple[list[str], dict[str, str] | None]] = {
-        "bayesflat --help": ([*py, "--help"], None),
-        "bayesflat run --help": ([*py, "run", "--help"], None),
-        "bayesflat samplers": ([*py, "samplers"], None),
+    cases: dict[str, tuple[list[str], Path]] = {
+        "bayesflat --help": ([*py, "--help"], REPO),
+        "bayesflat run --help": ([*py, "run", "--help"], REPO),
+        "bayesflat samplers": ([*py, "samplers"], REPO),
         "bayesflat run --data MISSING (error)": (
-            [*py, "run", "--data", str(trace_dir / "none")], None
+            [*py, "run", "--data", str(trace_dir / "none")], REPO
         ),
-        REPORT: ([*report, str(trace_dir / "again")], None),
+        REPORT: ([*report, str(trace_dir / "again")], REPO),
     }  # fmt: skip
     if against is not None:
+        # `python -m` puts the working folder first on sys.path: run in the other tree
         rev, tree = against
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        cases[f"{REPORT} at {rev}"] = ([*report, str(trace_dir / "again_rev")], env)
+        cases[f"{REPORT} at {rev}"] = ([*report, str(trace_dir / "again_rev")], tree)
     walls: dict[str, list[float]] = {name: [] for name in cases}
     codes: dict[str, int] = {}
     for _ in range(rounds):
-        for name, (cmd, env) in cases.items():
-            wall, code = _wall(cmd, env)
+        for name, (cmd, cwd) in cases.items():
+            wall, code = _wall(cmd, cwd)
             walls[name].append(wall)
             codes[name] = code
     return {
@@ -127,8 +128,13 @@ def paired_ratio(timed: dict[str, Any], rev: str) -> dict[str, Any]:
 
 
 def _worktree(rev: str, path: Path) -> None:
+    """Check ``rev`` out at ``path`` and make sure Python there imports its bayesflat."""
     subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=REPO,
                    check=True, capture_output=True)  # fmt: skip
+    where = subprocess.run([sys.executable, "-c", "import bayesflat; print(bayesflat.__file__)"],
+                           cwd=path, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    if not Path(where.strip()).resolve().is_relative_to(path.resolve()):
+        raise RuntimeError(f"in {path}, Python imports bayesflat from {where.strip()}")
 
 
 def default_run(out: Path, extra: list[str]) -> dict[str, Any]:
