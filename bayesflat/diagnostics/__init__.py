@@ -12,9 +12,9 @@ Three ways to use them:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from bayesflat._lazy import lazy_attributes
 from bayesflat.diagnostics.convergence import (
     DEFAULT_THRESHOLDS,
     ConvergenceRow,
@@ -134,16 +134,4 @@ summarising a trace (convergence, verdicts, the report) does not pay torch's imp
 _LAZY = {name: module for module, names in _TORCH_MODULES.items() for name in names}
 
 
-def __getattr__(name: str) -> Any:
-    """Import a torch-bound name or module on first use (PEP 562)."""
-    if name in _TORCH_MODULES:
-        return importlib.import_module(f"bayesflat.diagnostics.{name}")
-    if name not in _LAZY:
-        raise AttributeError(f"module 'bayesflat.diagnostics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"bayesflat.diagnostics.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _TORCH_MODULES)

@@ -14,9 +14,9 @@ class is imported on first use, so listing the methods is immediate.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from bayesflat._lazy import lazy_attributes
 from bayesflat.samplers.registry import _REGISTRY as _REGISTRY  # tests register temporarily
 from bayesflat.samplers.registry import (
     RegistryEntry,
@@ -119,16 +119,4 @@ _LAZY: dict[str, str] = {
 """Public name -> the module of this package that defines it."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import a class, a function or a module of the package on first use (PEP 562)."""
-    if name in _MODULES:
-        return importlib.import_module(f"bayesflat.samplers.{name}")
-    if name not in _LAZY:
-        raise AttributeError(f"module 'bayesflat.samplers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"bayesflat.samplers.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _MODULES)
