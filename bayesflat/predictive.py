@@ -432,11 +432,11 @@ def softmax(logits: Any) -> np.ndarray:
 
     .. math:: p_k = \frac{e^{z_k - m}}{\sum_j e^{z_j - m}}, \qquad m = \max_j z_j,
 
-    over the last axis, each row computed on its own in float32 (the maximum and the sum by
-    :func:`bayesflat.metrics._validation.class_reduce`, in class order). The sampling driver stores
-    probabilities with it and readers recompute them with it from stored logits, so a trace
-    that keeps logits only gives the same numbers, bit for bit, as one that stored
-    probabilities; it needs NumPy only, so reading a trace does not import torch.
+    over the last axis, each row computed on its own in float32 (for up to 32 classes the
+    maximum and the sum are folded in class order). The sampling driver stores probabilities
+    with it and readers recompute them with it from stored logits, so a trace that keeps
+    logits only gives the same numbers, bit for bit, as one that stored probabilities; it
+    needs NumPy only, so reading a trace does not import torch.
 
     Parameters
     ----------
