@@ -31,13 +31,19 @@ def _static() -> Static:
     return Static(observed_data={"test": np.arange(5) % 3}, attrs={"sampler": "sgld"})
 
 
-def test_a_record_cut_short_by_a_killed_writer_is_ignored_and_resume_cuts_it(tmp_path):
+def _flushed(tmp_path, draws: int) -> RunFolder:
+    """A run folder whose one chain has written and flushed ``draws`` records."""
     folder = RunFolder(tmp_path)
     sink = FolderSink(folder, 1, 10, {})
     sink.begin(0, 0)
-    for i in range(6):
+    for i in range(draws):
         sink.write(0, i, _record(i))
     sink.flush(0)
+    return folder
+
+
+def test_a_record_cut_short_by_a_killed_writer_is_ignored_and_resume_cuts_it(tmp_path):
+    folder = _flushed(tmp_path, 6)
     path = folder.draws_path(0)
     draws = DrawFile(path)
     # A writer killed in the middle of draw 6: half of its bytes reached the file.
@@ -63,12 +69,7 @@ def test_a_record_cut_short_by_a_killed_writer_is_ignored_and_resume_cuts_it(tmp
 
 
 def test_resume_refuses_a_draw_file_shorter_than_the_checkpoint(tmp_path):
-    folder = RunFolder(tmp_path)
-    sink = FolderSink(folder, 1, 10, {})
-    sink.begin(0, 0)
-    for i in range(3):
-        sink.write(0, i, _record(i))
-    sink.flush(0)
+    folder = _flushed(tmp_path, 3)
     with pytest.raises(ValueError, match=r"draws\.bin holds 3 draws but the chain's checkpoint "):
         FolderSink(folder, 1, 10, {}).begin(0, 5)
     folder.draws_path(0).unlink()
