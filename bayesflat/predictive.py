@@ -625,7 +625,7 @@ def feature_slabs(
         n_chains * src.size * src.classes * (1 + sum(k in ("probs", "votes") for k in kinds[key]))
         for key, src in sources.items()
     )
-    step = _slab_draws(per_draw, chunk_bytes)
+    step = _trace.build.slab_draws(per_draw, chunk_bytes)
     for d0 in range(0, n_draws, step):
         slab: dict[tuple[str, str], np.ndarray] = {}
         for key, src in sources.items():
@@ -885,19 +885,11 @@ def estimate(
             )
     n_chains, n_draws = lead
     reducer = _reducer(n_chains, n_draws, ensemble, method, n_boot, seed, batch_size)
-    step = _slab_draws(sum(v[:, :1].size for v in arrays.values()))
+    step = _trace.build.slab_draws(sum(v[:, :1].size for v in arrays.values()))
     for d0 in range(0, n_draws, step):
         reducer.add({k: v[:, d0 : d0 + step] for k, v in arrays.items()})
     return estimate_sums(reducer.result(), fn, ensemble=ensemble, method=method, n_boot=n_boot,
                          seed=seed)  # fmt: skip
-
-
-def _slab_draws(values_per_draw: int, chunk_bytes: int | None = None) -> int:
-    """Draws per slab so that a slab of float64 features fits in ``chunk_bytes`` (default
-    :data:`bayesflat.trace.build.CHUNK_BYTES`)."""
-    if chunk_bytes is None:
-        chunk_bytes = _trace.build.CHUNK_BYTES
-    return max(1, chunk_bytes // max(1, 8 * values_per_draw))
 
 
 def _check_batch_size(batch_size: Any, n_draws: int) -> int:

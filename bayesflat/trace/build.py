@@ -220,6 +220,13 @@ working copies made of it stay a few percent of the ~450 MiB a process with torc
 matplotlib loaded starts from."""
 
 
+def slab_draws(values_per_draw: int, chunk_bytes: int | None = None) -> int:
+    """Draws per slab so that a slab of ``values_per_draw`` float64 values per draw fits in
+    ``chunk_bytes`` (default :data:`CHUNK_BYTES`, read at call time); at least one."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    return max(1, chunk_bytes // max(1, 8 * values_per_draw))
+
+
 def draw_chunks(
     variable: xr.DataArray, *, chunk_bytes: int | None = None, draws: int | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -247,9 +254,8 @@ def draw_chunks(
     """
     variable = variable.transpose("chain", "draw", ...)
     n_draws = int(variable.sizes["draw"]) if draws is None else int(draws)
-    per_draw = 8 * int(np.prod([variable.sizes[d] for d in variable.dims if d != "draw"]))
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-    step = max(1, chunk_bytes // max(per_draw, 1))
+    step = slab_draws(int(np.prod([variable.sizes[d] for d in variable.dims if d != "draw"])),
+                      chunk_bytes)  # fmt: skip
     for d0 in range(0, n_draws, step):
         yield d0, np.asarray(variable.isel(draw=slice(d0, min(n_draws, d0 + step))).values)
 
