@@ -642,7 +642,7 @@ def _relative_ess(posterior: Any, n_samples: int) -> float | None:
 
 
 def _log_mean_exp(ll: Any) -> np.ndarray | None:
-    """:math:`\\log \frac1S \\sum_s e^{\\ell_{si}}` per point over the draws with every point
+    r""":math:`\log \frac1S \sum_s e^{\ell_{si}}` per point over the draws with every point
     finite, read slab by slab; None when no draw is finite."""
     from scipy.special import logsumexp
 
