@@ -686,8 +686,11 @@ class _Evaluation:
         log_probs: dict[str, Tensor] = {}
         train_log_probs = None
         if self.categorical:
-            # over the classes of (K, C, n): contiguous along the examples, the fast layout
-            log_probs = {n: _log_softmax_classes(o) for n, o in outputs.items()}
+            # over the classes of (K, C, n): contiguous along the examples, the fast layout;
+            # only labelled sets need them (their held-out log-likelihood), as stored
+            # probabilities come from predictive.softmax of the outputs
+            labelled = {s.name for s in spec.eval_sets if s.labels is not None}
+            log_probs = {n: _log_softmax_classes(o) for n, o in outputs.items() if n in labelled}
             train_log_probs = None if train is None else _log_softmax_classes(train)
         out = []
         for k in range(flat.shape[0]):
