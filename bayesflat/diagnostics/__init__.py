@@ -15,30 +15,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bayesflat._lazy import lazy_attributes
-from bayesflat.diagnostics.convergence import (
-    DEFAULT_THRESHOLDS,
-    ConvergenceRow,
-    Estimate,
-    configurational_temperature,
-    convergence_table,
-    functionals,
-    kinetic_temperature,
-    nll_per_draw,
-    rhat_nested,
-    true_class_probability,
-    weight_projections,
-)
-from bayesflat.diagnostics.report import (
-    DIAGNOSE_THRESHOLDS,
-    Diagnosis,
-    DiagnosticRow,
-    diagnose,
-    diagnostics_section,
-    write_diagnostics,
-)
+
+# Eager: NumPy only, and the function ``verdict`` must win over the submodule of that name,
+# which the import system would otherwise bind to this attribute.
 from bayesflat.diagnostics.verdict import VERDICT_THRESHOLDS, Verdict, trace_verdict, verdict
 
 if TYPE_CHECKING:
+    from bayesflat.diagnostics.convergence import (
+        DEFAULT_THRESHOLDS,
+        ConvergenceRow,
+        Estimate,
+        configurational_temperature,
+        convergence_table,
+        functionals,
+        kinetic_temperature,
+        nll_per_draw,
+        rhat_nested,
+        true_class_probability,
+        weight_projections,
+    )
     from bayesflat.diagnostics.flatness import (
         CurvatureOperator,
         EigenResult,
@@ -67,6 +62,14 @@ if TYPE_CHECKING:
         Budget,
         diagnostic_stats,
         recorded_names,
+    )
+    from bayesflat.diagnostics.report import (
+        DIAGNOSE_THRESHOLDS,
+        Diagnosis,
+        DiagnosticRow,
+        diagnose,
+        diagnostics_section,
+        write_diagnostics,
     )
 
 __all__ = [
@@ -116,7 +119,12 @@ __all__ = [
     "write_diagnostics",
 ]
 
-_TORCH_MODULES: dict[str, tuple[str, ...]] = {
+_MODULES: dict[str, tuple[str, ...]] = {
+    "convergence": (
+        "DEFAULT_THRESHOLDS", "ConvergenceRow", "Estimate", "configurational_temperature",
+        "convergence_table", "functionals", "kinetic_temperature", "nll_per_draw", "rhat_nested",
+        "true_class_probability", "weight_projections",
+    ),
     "flatness": (
         "CurvatureOperator", "EigenResult", "HessianOperator", "PerturbationGap",
         "SpectralDensity", "TraceEstimate", "hessian_trace", "hutchinson", "layer_weights",
@@ -127,11 +135,17 @@ _TORCH_MODULES: dict[str, tuple[str, ...]] = {
         "iter_per_example_gradients", "noise_alignment", "per_example_gradients",
     ),
     "recording": ("DIAGNOSTIC_NAMES", "Budget", "diagnostic_stats", "recorded_names"),
+    "report": (
+        "DIAGNOSE_THRESHOLDS", "Diagnosis", "DiagnosticRow", "diagnose", "diagnostics_section",
+        "write_diagnostics",
+    ),
 }  # fmt: skip
-"""Modules that import torch, and their public names: loaded on first use, so reading and
-summarising a trace (convergence, verdicts, the report) does not pay torch's import."""
+"""Submodules and their public names, each loaded on first use: flatness, noise and recording
+import torch, convergence and report import ArviZ, so a sampling process that only needs the
+divergence check (``divergence``, NumPy only) pays for neither, and reading a
+trace does not pay torch's import."""
 
-_LAZY = {name: module for module, names in _TORCH_MODULES.items() for name in names}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
-__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _TORCH_MODULES)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, (*_MODULES, "divergence"))

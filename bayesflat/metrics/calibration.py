@@ -21,8 +21,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
 
 from bayesflat._checks import check_choice, check_int
 
@@ -377,6 +375,9 @@ def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (1e-2, 1e2)
     lo, hi = (float(b) for b in bounds)
     if not 0.0 < lo < 1.0 < hi < np.inf:
         raise ValueError(f"bounds must satisfy 0 < T_lo < 1 < T_hi < inf, got {bounds!r}")
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
     z = check_logits(logits, "logits")
     y = check_labels(labels, *z.shape)
     z = np.maximum(log_softmax(z, axis=1), _LOG_PROB_FLOOR)
@@ -426,6 +427,8 @@ def apply_temperature(log_probs, temperature: float) -> np.ndarray:
     """
     if not (isinstance(temperature, int | float | np.number) and 0 < temperature < np.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    from scipy.special import softmax
+
     z = check_logits(log_probs, "log_probs")
     return softmax(z / float(temperature), axis=1)
 

@@ -17,8 +17,6 @@ Entropies are in nats.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import entr
-from scipy.stats import rankdata
 
 from ._validation import check_logits, check_probs, check_scores, class_reduce, logsumexp_rows
 
@@ -38,6 +36,8 @@ __all__ = [
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
+    from scipy.special import entr
+
     return class_reduce(np.add, entr(p))
 
 
@@ -240,6 +240,8 @@ def auroc(scores_in, scores_out) -> float:
     float
         In [0, 1]; equals ``sklearn.metrics.roc_auc_score``.
     """
+    from scipy.stats import rankdata
+
     scores, is_ood = _pooled(scores_in, scores_out)
     # Mann-Whitney U from average ranks: ties count one half, as in roc_auc_score.
     ranks = rankdata(scores)

@@ -34,16 +34,20 @@ import shutil
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 
 from bayesflat import _io
 from bayesflat.run.checkpoint import ChainState, load_checkpoint, save_checkpoint
 from bayesflat.trace import schema
-from bayesflat.trace.build import assemble, build_trace, static_groups
-from bayesflat.trace.io import open_groups, write_concatenated, write_groups
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+# ``bayesflat.trace.build`` and ``.io`` (xarray, pandas, h5netcdf) are imported where a trace
+# is built or read: a sampling process only appends draws, and its start-up should not pay
+# for them.
 
 __all__ = ["DrawFile", "FolderSink", "MemorySink", "RunFolder", "Static", "load_folder"]
 
@@ -124,6 +128,8 @@ class MemorySink:
 
     def finish(self, static: Static, *, complete: bool, reason: str = "") -> Any:
         """The trace of every chain (partial chains NaN-padded)."""
+        from bayesflat.trace.build import build_trace
+
         if not any(self._kept):
             raise ValueError("no chain kept a draw")
         return build_trace(
@@ -177,11 +183,16 @@ class RunFolder:
 
     def write_static(self, static: Static) -> None:
         """Write ``static.nc`` (labels and constants)."""
+        from bayesflat.trace.build import static_groups
+        from bayesflat.trace.io import write_groups
+
         parts = static_groups(static.observed_data, static.constant_data)
         write_groups(self.static_nc, parts, schema.provenance())
 
     def read_static(self, attrs: Mapping[str, Any], coords: Mapping[str, Any]) -> Static:
         """The :class:`Static` stored in the folder."""
+        from bayesflat.trace.io import open_groups
+
         parts: dict[str, xr.Dataset] = {}
         if self.static_nc.is_file():
             parts, _ = open_groups(self.static_nc)
@@ -509,6 +520,9 @@ def assemble_trace(folder: RunFolder, static: Static, kept: Sequence[int]) -> An
 
     Returns the trace of ``trace.nc``, its arrays read from the file when they are used.
     """
+    from bayesflat.trace.build import assemble, static_groups
+    from bayesflat.trace.io import write_concatenated
+
     root = static.run_attrs(kept, complete=True, reason="")
     settings, kinds = schema.encode_attrs(root)
     stamp = schema.provenance()
@@ -556,6 +570,9 @@ def _partial_trace(folder: RunFolder, static: Static, kept: Sequence[int], reaso
 
 def load_folder(path: str | os.PathLike[str], *, lazy: bool = False) -> Any:
     """The trace of a run folder: its ``trace.nc``, or the draws kept so far."""
+    from bayesflat.trace.build import assemble
+    from bayesflat.trace.io import open_groups
+
     folder = RunFolder(path)
     if folder.trace_nc.is_file():
         parts, root = open_groups(folder.trace_nc, lazy=lazy)
