@@ -456,7 +456,6 @@ def run_command(args: argparse.Namespace) -> int:
     report_options = _report_options(args)
     _check_run_arguments(args)
     import bayesflat
-    from bayesflat.report import build_report
     from bayesflat.run.sinks import RunFolder
 
     rank, world = _process_group()
@@ -513,6 +512,10 @@ def run_command(args: argparse.Namespace) -> int:
             raise CLIError(message) from None
         if rank != 0:
             return 0
+        # Imported once the draws are kept (ArviZ, SciPy and matplotlib take a second or
+        # more): sampling starts sooner, and an interrupted run never pays for them.
+        from bayesflat.report import build_report
+
         report = build_report(result, figures=not args.no_report, **report_options)
         paths = report.save(out_dir, html=not args.no_report)
     written = [Path(out_dir) / "trace.nc", *paths.values()]

@@ -78,20 +78,25 @@ def test_report_command_reproduces_the_run_numbers(runs, tmp_path):
 
 @SHARES_RUNS
 def test_report_of_a_trace_file_reproduces_the_run_without_torch(runs, tmp_path):
-    """In a fresh process, as a user runs it: the report of a logits-only trace needs neither
-    torch nor scikit-learn (their imports cost more than a second), and its numbers equal the
-    run's to the bit."""
+    """In a fresh process, as a user runs it: the report of a logits-only trace and loading
+    the run folder need neither torch nor scikit-learn (their imports cost more than a
+    second), and the report's numbers equal the run's to the bit."""
     folder, *_ = runs["fsgld"]
     code = (
-        "import sys\nfrom bayesflat import cli\n"
+        "import sys\nimport bayesflat\nfrom bayesflat import cli\n"
         f"cli.main(['report', {str(folder / 'trace.nc')!r}, '--output', {str(tmp_path)!r},"
         " '--replicates', '20', '-q'])\n"
+        f"trace = bayesflat.load({str(folder)!r})\n"
+        "print((trace.posterior.sizes['chain'], trace.posterior.sizes['draw']))\n"
         "print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    *_, sizes, loaded = result.stdout.strip().splitlines()
+    assert loaded == "[]"
+    summary = json.loads((folder / "metrics.json").read_text())["run"]
+    assert sizes == str((summary["chains"], summary["draws"]))
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert again == json.loads((folder / "metrics.json").read_text())
 

@@ -10,10 +10,17 @@
 - :mod:`~bayesflat.run.api`: :func:`sample` and :func:`resume`.
 """
 
-from bayesflat.run.api import SamplingError, make_spec, resume, sample
-from bayesflat.run.chain import run_chain
-from bayesflat.run.checkpoint import ChainState
-from bayesflat.run.spec import ChainContext, RunSpec, chain_seeds
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bayesflat._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from bayesflat.run.api import SamplingError, make_spec, resume, sample
+    from bayesflat.run.chain import run_chain
+    from bayesflat.run.checkpoint import ChainState
+    from bayesflat.run.spec import ChainContext, RunSpec, chain_seeds
 
 __all__ = [
     "ChainContext",
@@ -26,3 +33,18 @@ __all__ = [
     "run_chain",
     "sample",
 ]
+
+_MODULES: dict[str, tuple[str, ...]] = {
+    "api": ("SamplingError", "make_spec", "resume", "sample"),
+    "chain": ("run_chain",),
+    "checkpoint": ("ChainState",),
+    "spec": ("ChainContext", "RunSpec", "chain_seeds"),
+}
+"""Public names by submodule, loaded on first use: reading a run folder (``sinks``, ``lock``)
+needs neither torch nor the sampling loop."""
+
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {n: m for m, names in _MODULES.items() for n in names},
+    (*_MODULES, "distributed", "executors", "lock", "progress", "sinks", "stream", "vectorised"),
+)

@@ -39,15 +39,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bayesflat import _io
-from bayesflat.run.checkpoint import ChainState, load_checkpoint, save_checkpoint
 from bayesflat.trace import schema
 
 if TYPE_CHECKING:
     import xarray as xr
 
+    from bayesflat.run.checkpoint import ChainState
+
 # ``bayesflat.trace.build`` and ``.io`` (xarray, pandas, h5netcdf) are imported where a trace
-# is built or read: a sampling process only appends draws, and its start-up should not pay
-# for them.
+# is built or read, and checkpoints (torch) where a chain state is saved or loaded: a sampling
+# process only appends draws, and reading a finished folder needs no torch.
 
 __all__ = ["DrawFile", "FolderSink", "MemorySink", "RunFolder", "Static", "load_folder"]
 
@@ -212,11 +213,15 @@ class RunFolder:
 
     def checkpoint(self, chain: int) -> ChainState | None:
         """The chain's last checkpoint, or None."""
+        from bayesflat.run.checkpoint import load_checkpoint
+
         path = self.checkpoint_path(chain)
         return load_checkpoint(path) if path.is_file() else None
 
     def save_checkpoint(self, state: ChainState) -> None:
         """Write the chain's checkpoint atomically."""
+        from bayesflat.run.checkpoint import save_checkpoint
+
         save_checkpoint(self.checkpoint_path(state.chain), state)
 
     def draws_path(self, chain: int) -> Path:
