@@ -229,5 +229,7 @@ def test_run_engine_quick_run_writes_its_tables(tmp_path, monkeypatch):
         "## Peak memory",
         "## Writing the trace",
         "## Resume",
+        "| sampling only (--no-report) | ",
     ):
         assert part in text
+    assert results["memory"]["draws"] == [4]

@@ -26,6 +26,9 @@ from bayesflat._checks import check_choice, check_int
 
 from ._validation import check_labels, check_logits, check_probs, logsumexp_rows
 
+# SciPy (about a second to import) is imported in the functions that use it: sampling
+# processes import this module through bayesflat.predictive but never fits a temperature there.
+
 __all__ = [
     "PROB_FLOOR",
     "ReliabilityCurve",

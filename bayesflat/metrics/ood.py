@@ -20,6 +20,9 @@ import numpy as np
 
 from ._validation import check_logits, check_probs, check_scores, class_reduce, logsumexp_rows
 
+# SciPy (about a second to import) is imported in the functions that use it: sampling
+# processes import this module through bayesflat.predictive but never ranks OOD scores there.
+
 __all__ = [
     "aupr_in",
     "aupr_out",
