@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -97,6 +98,10 @@ def _readers_loaded(model: nn.Module, sampler: object) -> float:
     return float(sum(name in sys.modules for name in _READERS))
 
 
+def _parent_pid(model: nn.Module, sampler: object) -> float:
+    return float(os.getppid())
+
+
 @pytest.mark.parametrize("sampler", ["sgld", "fsgld", "sghmc", "csgld", "swag"])
 def test_n_draws_resume_n_draws_equals_2n_straight(sampler, tmp_path):
     x, y = _toy()
@@ -147,16 +152,24 @@ def test_run_chain_stops_cleanly_and_continues(tmp_path, device):
 def test_memory_folder_and_process_runs_are_identical(tmp_path):
     x, y = _toy()
     kw = _kwargs(chains=3, sampler="fsgld", store_logits=True)
-    kw["stats_fns"] = {"readers": _readers_loaded}
+    kw["stats_fns"] = {"readers": _readers_loaded, "parent": _parent_pid}
+    probes = ("readers", "parent")
     memory = bayesflat.sample(_model(), (x, y), **kw)
     folder = bayesflat.sample(_model(), (x, y), output=tmp_path / "run", **kw)
     processes = bayesflat.sample(_model(), (x, y), workers=2, **kw)
-    assert_same_draws(memory, folder, skip=("readers",))
-    assert_same_draws(memory, processes, skip=("readers",))
+    again = bayesflat.sample(_model(), (x, y), workers=2, **kw)
+    assert_same_draws(memory, folder, skip=probes)
+    assert_same_draws(memory, processes, skip=probes)
+    assert_same_draws(memory, again, skip=probes)
     # A worker process starts without the trace readers' imports (seconds of start-up), while
     # this process holds them once it has built a trace (the memory run's).
     assert (processes.sample_stats["readers"].values == 0).all()
     assert (folder.sample_stats["readers"].values > 0).all()
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        # Workers fork from one server, which the second run reuses: no import of torch again.
+        parents = {*processes.sample_stats["parent"].values.ravel()}
+        assert parents == {*again.sample_stats["parent"].values.ravel()}
+        assert len(parents) == 1 and os.getpid() not in parents
     assert btrace.trace_attrs(processes)["chains"] == 3
     # The folder holds the assembled trace, the chains' checkpoints and no draw files.
     run = tmp_path / "run"
@@ -165,7 +178,7 @@ def test_memory_folder_and_process_runs_are_identical(tmp_path):
         "chain_0000", "chain_0001", "chain_0002"
     ]  # fmt: skip
     assert [p.name for p in (run / "chains" / "chain_0001").iterdir()] == ["checkpoint.pt"]
-    assert_same_draws(memory, bayesflat.load(run), skip=("readers",))
+    assert_same_draws(memory, bayesflat.load(run), skip=probes)
 
 
 def test_processes_refuse_unpicklable_statistics():

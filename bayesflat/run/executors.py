@@ -3,8 +3,11 @@
 ``sequential``
     One chain after another in this process.
 ``processes``
-    ``workers`` local processes (spawned, one torch thread each by default), each running
-    whole chains into the run folder; the coordinating process renders the progress.
+    ``workers`` local processes (one torch thread each by default), each running whole chains
+    into the run folder; the coordinating process renders the progress. Where the platform
+    has it (Linux, macOS) the workers fork from one server process that has imported torch and
+    this module once (``forkserver``), so they start in milliseconds, share those pages, and
+    a second run in the same program starts no import at all; elsewhere they are spawned.
 ``distributed``
     Under ``torch.distributed`` (e.g. ``torchrun``): chains divided among the ranks, or each
     chain data-parallel across all ranks (:mod:`bayesflat.run.distributed`).
@@ -131,6 +134,26 @@ def run_sequential(
 
 _WORKER: dict[str, Any] = {}
 
+_PRELOAD = ["bayesflat.run.executors"]
+"""What the fork server imports before it forks any worker: torch and the chain loop."""
+
+
+def _worker_context() -> Any:
+    """``forkserver`` where available, with :data:`_PRELOAD`; ``spawn`` otherwise.
+
+    Spawned workers each import torch and the package again (over a second of CPU apiece,
+    and their own copy of torch's pages). Workers forked from the fork server inherit those
+    imports; the server itself is a fresh interpreter that has never run a torch operation
+    (no thread pools to fork), and it lives as long as this process, so later runs reuse it.
+    Each worker still receives this process's ``sys.path``, working folder and main module,
+    as a spawned one does. The preload list is only a hint for a server not yet started.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
+
 
 def _init_worker(
     spec: bytes, path: str, coords: dict[str, Any], threads: int, updates: Any, stop: Any,
@@ -203,7 +226,8 @@ def run_processes(
     checkpoint_every: int | None,
     checkpoint_interval: float,
 ) -> list[ChainOutcome]:
-    """Run ``chains`` in ``workers`` spawned processes, each chain into ``folder``.
+    """Run ``chains`` in ``workers`` processes (:func:`_worker_context`), each chain into
+    ``folder``.
 
     The spec travels pickled by value (torch's multiprocessing pickler would move the
     caller's tensors into shared memory, invalidating numpy arrays that share their memory).
@@ -212,7 +236,7 @@ def run_processes(
     last kept draw), so nothing computed is lost and the run can be resumed.
     """
     spec.check_picklable("workers > 1")
-    context = mp.get_context("spawn")
+    context = _worker_context()
     updates, stop_event = context.Queue(), context.Event()
     outcomes: list[ChainOutcome] = []
     with (
