@@ -9,7 +9,7 @@ from typing import Any
 
 
 def lazy_attributes(
-    package: str, names: Mapping[str, str], modules: Iterable[str] = ()
+    package: str, modules: Mapping[str, Iterable[str]], submodules: Iterable[str] = ()
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``__getattr__`` and ``__dir__`` for ``package``.
 
@@ -17,13 +17,15 @@ def lazy_attributes(
     ----------
     package : str
         The package's ``__name__``.
-    names : mapping of str to str
-        Public name -> the submodule of ``package`` that defines it; imported at first use and
-        then kept in the package's namespace.
-    modules : iterable of str
-        Submodules returned (imported if need be) when asked for as attributes.
+    modules : mapping of str to iterable of str
+        Submodule of ``package`` -> the public names it defines; a name is imported from its
+        submodule at first use and then kept in the package's namespace.
+    submodules : iterable of str
+        Further submodules returned (imported if need be) when asked for as attributes; those
+        of ``modules`` always are.
     """
-    submodules = frozenset(modules)
+    names = {name: module for module, public in modules.items() for name in public}
+    submodules = frozenset((*modules, *submodules))
 
     def __getattr__(name: str) -> Any:
         if name in submodules:

@@ -145,7 +145,4 @@ import torch, convergence and report import ArviZ, so a sampling process that on
 divergence check (``divergence``, NumPy only) pays for neither, and reading a
 trace does not pay torch's import."""
 
-_LAZY = {name: module for module, names in _MODULES.items() for name in names}
-
-
-__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, (*_MODULES, "divergence"))
+__getattr__, __dir__ = lazy_attributes(__name__, _MODULES, ("divergence",))

@@ -45,6 +45,6 @@ needs neither torch nor the sampling loop."""
 
 __getattr__, __dir__ = lazy_attributes(
     __name__,
-    {n: m for m, names in _MODULES.items() for n in names},
-    (*_MODULES, "distributed", "executors", "lock", "progress", "sinks", "stream", "vectorised"),
+    _MODULES,
+    ("distributed", "executors", "lock", "progress", "sinks", "stream", "vectorised"),
 )

@@ -95,28 +95,22 @@ __all__ = [
     "swa_from_trace",
 ]
 
-_MODULES = frozenset({
-    "base", "cyclical", "emcmc", "escape", "fsgld", "langevin", "perturbation", "psgld",
-    "registry", "rwp", "sam", "sghmc", "swa",
-})  # fmt: skip
-
-_LAZY: dict[str, str] = {
-    **dict.fromkeys(
-        ("Dynamics", "FlatBuffer", "GradientEstimator", "PlainGradient", "Sampler"), "base"
-    ),
-    **dict.fromkeys(("CFSGLD", "CSGHMC", "CSGLD", "Cyclical"), "cyclical"),
-    **dict.fromkeys(("EMCMC", "EntropyLangevinDynamics"), "emcmc"),
-    **dict.fromkeys(("Escape", "EscapeSAM", "RandomlySmoothedPerturbation"), "escape"),
-    **dict.fromkeys(("FSGLD", "CoupledPerturbation", "coupled_sigma"), "fsgld"),
-    **dict.fromkeys(("SGD", "SGLD", "LangevinDynamics", "langevin_noise_scale"), "langevin"),
-    **dict.fromkeys(("PerturbedGradient", "exclude_from_perturbation"), "perturbation"),
-    **dict.fromkeys(("FPSGLD", "PSGLD", "PreconditionedLangevinDynamics"), "psgld"),
-    **dict.fromkeys(("NSO", "RWP"), "rwp"),
-    **dict.fromkeys(("SAM", "SharpnessAwareGradient"), "sam"),
-    **dict.fromkeys(("FSGHMC", "SGHMC", "SGHMCDynamics"), "sghmc"),
-    **dict.fromkeys(("SWA", "SWAG", "SWAGFit", "SWAGMoments", "fit_swag", "swa_from_trace"), "swa"),
+_MODULES: dict[str, tuple[str, ...]] = {
+    "base": ("Dynamics", "FlatBuffer", "GradientEstimator", "PlainGradient", "Sampler"),
+    "cyclical": ("CFSGLD", "CSGHMC", "CSGLD", "Cyclical"),
+    "emcmc": ("EMCMC", "EntropyLangevinDynamics"),
+    "escape": ("Escape", "EscapeSAM", "RandomlySmoothedPerturbation"),
+    "fsgld": ("FSGLD", "CoupledPerturbation", "coupled_sigma"),
+    "langevin": ("SGD", "SGLD", "LangevinDynamics", "langevin_noise_scale"),
+    "perturbation": ("PerturbedGradient", "exclude_from_perturbation"),
+    "psgld": ("FPSGLD", "PSGLD", "PreconditionedLangevinDynamics"),
+    "registry": (),
+    "rwp": ("NSO", "RWP"),
+    "sam": ("SAM", "SharpnessAwareGradient"),
+    "sghmc": ("FSGHMC", "SGHMC", "SGHMCDynamics"),
+    "swa": ("SWA", "SWAG", "SWAGFit", "SWAGMoments", "fit_swag", "swa_from_trace"),
 }
-"""Public name -> the module of this package that defines it."""
+"""Module of this package -> the public names it defines, imported on first use."""
 
 
-__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _MODULES)
+__getattr__, __dir__ = lazy_attributes(__name__, _MODULES)

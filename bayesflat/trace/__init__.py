@@ -38,6 +38,4 @@ _MODULES: dict[str, tuple[str, ...]] = {
 """Submodules and their public names, loaded on first use: ``build`` and ``io`` import xarray,
 which a process that only samples and appends draws (``schema``, NumPy only) does not need."""
 
-__getattr__, __dir__ = lazy_attributes(
-    __name__, {n: m for m, names in _MODULES.items() for n in names}, _MODULES
-)
+__getattr__, __dir__ = lazy_attributes(__name__, _MODULES)

@@ -1,0 +1,39 @@
+"""The packages that load their submodules on first use: importing them costs nothing heavy,
+and every public name still resolves."""
+
+import importlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+LAZY_PACKAGES = ("bayesflat.diagnostics", "bayesflat.run", "bayesflat.samplers", "bayesflat.trace")
+HEAVY = ("torch", "xarray", "pandas", "scipy", "arviz", "matplotlib", "sklearn", "h5netcdf")
+
+
+def test_importing_the_packages_loads_none_of_the_heavy_dependencies():
+    code = (
+        "import sys\n"
+        f"for name in {LAZY_PACKAGES!r}:\n"
+        "    __import__(name)\n"
+        "import bayesflat.diagnostics.divergence, bayesflat.run.lock, bayesflat.trace.schema\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", LAZY_PACKAGES)
+def test_every_public_name_resolves_and_is_listed(name):
+    package = importlib.import_module(name)
+    for public in package.__all__:
+        value = getattr(package, public)
+        # the object itself, never a submodule that happens to share its name
+        assert not isinstance(value, types.ModuleType), public
+        assert getattr(value, "__name__", public) == public, public
+    assert set(package.__all__) <= set(dir(package))
+    with pytest.raises(AttributeError, match=rf"module '{name}' has no attribute 'nonexistent'"):
+        package.nonexistent  # noqa: B018
