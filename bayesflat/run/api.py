@@ -201,8 +201,8 @@ def sample(
         folder whenever 1 MiB of a chain's draws waits, checkpoint or not.
     workers : int, default 1
         With ``workers > 1`` chains run in that many local processes (one torch thread each),
-        forked from a server process that has imported torch once (spawned where the platform
-        has no fork server). The model and ``stats_fns`` travel to them pickled: their classes
+        forked on Linux from a server process that has imported torch once (spawned
+        elsewhere). The model and ``stats_fns`` travel to them pickled: their classes
         and functions must be importable (defined at module level), as for ``multiprocessing``.
     executor : {"auto", "sequential", "processes", "distributed", "vectorised"}
         ``"auto"``: ``"distributed"`` under an initialised ``torch.distributed`` process group

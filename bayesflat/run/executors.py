@@ -4,10 +4,11 @@
     One chain after another in this process.
 ``processes``
     ``workers`` local processes (one torch thread each by default), each running whole chains
-    into the run folder; the coordinating process renders the progress. Where the platform
-    has it (Linux, macOS) the workers fork from one server process that has imported torch and
-    this module once (``forkserver``), so they start in milliseconds, share those pages, and
-    a second run in the same program starts no import at all; elsewhere they are spawned.
+    into the run folder; the coordinating process renders the progress. On Linux the workers
+    fork from one server process that has imported torch and this module once
+    (``forkserver``), so they start in milliseconds, share those pages, and a second run in
+    the same program starts no import at all; elsewhere (macOS, where forking a process that
+    has loaded system frameworks is unsafe, and Windows) they are spawned.
 ``distributed``
     Under ``torch.distributed`` (e.g. ``torchrun``): chains divided among the ranks, or each
     chain data-parallel across all ranks (:mod:`bayesflat.run.distributed`).
@@ -25,6 +26,7 @@ import multiprocessing as mp
 import pickle
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -139,7 +141,8 @@ _PRELOAD = ["bayesflat.run.executors"]
 
 
 def _worker_context() -> Any:
-    """``forkserver`` where available, with :data:`_PRELOAD`; ``spawn`` otherwise.
+    """``forkserver`` with :data:`_PRELOAD` on Linux (Python's own default there from 3.14);
+    ``spawn`` elsewhere.
 
     Spawned workers each import torch and the package again (over a second of CPU apiece,
     and their own copy of torch's pages). Workers forked from the fork server inherit those
@@ -148,7 +151,7 @@ def _worker_context() -> Any:
     Each worker still receives this process's ``sys.path``, working folder and main module,
     as a spawned one does. The preload list is only a hint for a server not yet started.
     """
-    if "forkserver" not in mp.get_all_start_methods():
+    if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
