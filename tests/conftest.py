@@ -4,6 +4,16 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(items):
+    """Run the tests marked ``slow`` first, each group in collection order.
+
+    Under ``-n 2`` a free worker takes the next test, so a long test dispatched last keeps one
+    worker busy while the other idles; started first, the long tests overlap the many short
+    ones. None of them shares a module-scoped fixture with a test left behind.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_intra_op_thread():
     # The tests run small tensors under pytest-xdist, one worker per core: a second intra-op

@@ -230,6 +230,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_folder(tmp_path
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_command_line_runs_into_one_folder_one_wins_and_the_other_is_refused(tmp_path):
     folder = tmp_path / "run"
     args = ["-m", "bayesflat.cli", "run", "--sampler", "sgd", "--output", str(folder),
@@ -555,6 +556,7 @@ def test_run_json_prints_the_headline_only(tmp_path):
     assert payload["files"] == [str(tmp_path / "run" / n) for n in ("trace.nc", "metrics.json")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_sampling_exits_130_naming_the_kept_draws_and_resume(tmp_path):
     import signal
 

@@ -211,6 +211,7 @@ def test_paper_cifar_smoke_runs_on_synthetic_files_of_the_real_formats(tmp_path)
     assert "| accuracy |" in (tmp_path / "paper_cifar_smoke.md").read_text()
 
 
+@pytest.mark.slow
 def test_run_engine_quick_run_writes_its_tables(tmp_path, monkeypatch):
     # Spawned ranks import the module by name, so it must be importable.
     monkeypatch.syspath_prepend(str(SCRIPT.parent))

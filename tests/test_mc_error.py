@@ -61,6 +61,7 @@ def test_batch_error_of_an_ar1_mean_matches_its_known_variance():
     assert est_var.mean() / iid > 2.5
 
 
+@pytest.mark.slow
 def test_batch_error_of_a_bma_nll_matches_its_spread_over_replications():
     rng = np.random.default_rng(2)
     reps, n = 300, 20

@@ -328,6 +328,7 @@ def _every_file_readable(folder: Path) -> None:
             json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path, capsys):
     from bayesflat import cli
 
@@ -385,6 +386,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_chain_parallel_equals_the_sequential_run(tmp_path):
     args = ["--chains", "3", "--draws", "6", "--no-report", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "BAYESFLAT_DIST_TIMEOUT_MIN": "2"}
@@ -441,6 +443,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_equals_the_single_process_run_and_replicas_are_checked(tmp_path):
     script = tmp_path / "data_parallel.py"
     script.write_text(_DATA_PARALLEL_SCRIPT)

@@ -656,6 +656,7 @@ def test_registry_takes_a_class_with_the_defaults_of_its_signature():
     assert entry.options == {"quiet": True}
 
 
+@pytest.mark.slow
 def test_samplers_do_not_load_dynamo_until_the_program_does():
     """torch.optim.Optimizer's guarded methods import torch._dynamo at their first call, which
     costs a process more than importing torch. A sampler built, stepped, saved and restored in

@@ -179,6 +179,7 @@ def test_every_tutorial_is_checked_and_listed():
     assert all(name in readme for name in scripts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_tutorial_runs(name, tmp_path, monkeypatch, capsys):
     if name == IN_A_FRESH_INTERPRETER:
