@@ -741,14 +741,34 @@ def _median_interval(s: dict[str, float], rounds: int) -> tuple[float, float]:
     return s["ratio_median"] - half, s["ratio_median"] + half
 
 
-def _verdict(s: dict[str, float], rounds: int) -> str:
+def _verdict(s: dict[str, float], rounds: int, bound: float = CLAIM_BOUND) -> str:
     low, high = _median_interval(s, rounds)
     interval = f"median interval {low:.3f}-{high:.3f}"
-    if high <= CLAIM_BOUND:
+    if high <= bound:
         return f"{interval}: holds"
-    if low > CLAIM_BOUND:
+    if low > bound:
         return f"{interval}: does NOT hold"
     return f"{interval}: not resolved at this number of rounds"
+
+
+FLOORS = {"sgld": "floor_sgld", "fsgld": "floor_fsgld"}
+"""Each sampler and its floor row: the SGD step plus the noise that sampler draws."""
+
+
+def _floor_lines(case: dict[str, Any]) -> list[str]:
+    """Each sampler over its floor, paired per round (CPU time), with the check <= 1."""
+    cpu = case["per_round_seconds"]["cpu"]
+    lines = []
+    for method, floor in FLOORS.items():
+        if method not in cpu or floor not in cpu:
+            continue
+        r1, rmed, r3 = _quartiles([m / f for m, f in zip(cpu[method], cpu[floor], strict=True)])
+        s = {"ratio_median": rmed, "ratio_q1": r1, "ratio_q3": r3}
+        lines.append(
+            f"- `{method}` / `{floor}`, paired per round: {rmed:.3f} (IQR {_iqr(s)}); at or below "
+            f"its floor: {_verdict(s, case['rounds'], bound=1.0)}."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _fmt_bytes(n: float) -> str:
@@ -844,6 +864,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{_verdict(o, case['rounds'])}).",
                 "",
             ]
+        lines += _floor_lines(case)
     lines += [
         "Passes/step: forward/backward passes per step (closure calls), mean over the timed "
         "rounds. CPU ms/step: CPU time of the benchmark thread per step (all the work runs on "

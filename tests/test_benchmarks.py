@@ -65,6 +65,12 @@ def test_quick_run_writes_markdown_and_json(step_time, quick_run):
         assert header in md
     assert "Quick smoke run" in md
     assert "Claim fSGLD / SGD <= 1.03" in md
+    # each sampler over its floor, from the per-round times of the same run
+    mlp = on_disk["cases"]["digits_mlp"]["per_round_seconds"]["cpu"]
+    for method, floor in (("sgld", "floor_sgld"), ("fsgld", "floor_fsgld")):
+        ratios = [m / f for m, f in zip(mlp[method], mlp[floor], strict=True)]
+        median = step_time._quartiles(ratios)[1]
+        assert f"- `{method}` / `{floor}`, paired per round: {median:.3f} (IQR " in md
 
 
 @SHARES_QUICK_RUN
