@@ -35,7 +35,8 @@ Two cases:
   - *floor*: the SGD step plus the noise itself, drawn into preallocated flat buffers (one
     standard normal draw of all P parameters for SGLD; two, plus one P-sized copy for the
     weight backup, for fSGLD). No sampler that draws its noise from ``torch.Generator`` can be
-    cheaper;
+    cheaper. The page gives ``sgld`` / ``floor_sgld`` and ``fsgld`` / ``floor_fsgld`` paired
+    per round, and checks that each sits at or below 1;
   - *naive loop*: a textbook per-parameter Python loop (one ``torch.randn`` per tensor, a
     ``clone`` per tensor for the backup), written here as the reference, not part of bayesflat.
 
