@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 ROW_SUM_TOL = 1e-4
+"""Largest accepted ``|sum_k p_k - 1|`` for a row of probabilities (float32 softmax sums to 1
+within ~1e-6 for K = 1000)."""
 
 FEW_CLASSES = 32
 """Up to this many classes, :func:`class_reduce` makes one elementwise pass per class."""
-"""Largest accepted ``|sum_k p_k - 1|`` for a row of probabilities (float32 softmax sums to 1
-within ~1e-6 for K = 1000)."""
 
 
 def to_numpy(x) -> np.ndarray:
