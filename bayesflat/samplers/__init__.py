@@ -104,7 +104,6 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "langevin": ("SGD", "SGLD", "LangevinDynamics", "langevin_noise_scale"),
     "perturbation": ("PerturbedGradient", "exclude_from_perturbation"),
     "psgld": ("FPSGLD", "PSGLD", "PreconditionedLangevinDynamics"),
-    "registry": (),
     "rwp": ("NSO", "RWP"),
     "sam": ("SAM", "SharpnessAwareGradient"),
     "sghmc": ("FSGHMC", "SGHMC", "SGHMCDynamics"),
