@@ -168,6 +168,88 @@ def test_lazy_load_equals_the_eager_load_and_survives_close_and_pickling(data, t
     assert_same_trace(eager, pickle.loads(pickle.dumps(lazy)))
 
 
+def _write_every_netcdf_feature(path) -> None:
+    """A bayesflat-marked file whose groups hold what a netCDF group can: labelled and
+    unlabelled dimensions, every number type, NaN-filled floats, bools, strings, scalars,
+    empty arrays and attributes of each kind ("plain"); CF-encoded values, times, an integer
+    fill value, packed integers ("encoded"); a non-dimension coordinate ("coordinates")."""
+    import pandas as pd
+
+    xr.Dataset(attrs={"created_by": "bayesflat", "list": [1, 2]}).to_netcdf(
+        path, mode="w", engine="h5netcdf"
+    )
+    rng = np.random.default_rng(0)
+    plain = xr.Dataset(
+        {
+            "f64": (("chain", "draw"), rng.normal(size=(2, 3)), {"long_name": "value"}),
+            "f32": (("chain", "draw"), np.array([[np.nan, 1, 2], [3, 4, 5]], np.float32)),
+            "f16": ("draw", np.array([1, 2, np.nan], np.float16)),
+            "i64": ("draw", np.arange(3)),
+            "u8": ("unlabelled", np.arange(4, dtype=np.uint8)),
+            "flag": ("draw", np.array([True, False, True])),
+            "word": ("draw", np.array(["a", "bb", "ccc"], dtype=object)),
+            "scalar": ((), 3.5),
+            "empty": ("nothing", np.zeros(0)),
+        },
+        coords={"chain": [0, 1], "draw": [10, 20, 30], "nothing": np.zeros(0, np.int64),
+                "name": ["x", "yz"]},
+        attrs={"text": "t", "number": 2, "real": 0.5, "ints": [1, 2], "strings": ["a", "b"]},
+    )  # fmt: skip
+    plain.to_netcdf(path, mode="a", group="plain", engine="h5netcdf")
+    encoded = xr.Dataset(
+        {
+            "masked": ("time", np.array([1.0, np.nan, 3.0])),
+            "packed": ("time", np.array([0.5, 1.5, 2.5])),
+            "elapsed": ("time", pd.to_timedelta([1, 2, 3], unit="s")),
+        },
+        coords={"time": pd.date_range("2026-01-01", periods=3)},
+    )
+    encoding = {"masked": {"dtype": "int32", "_FillValue": -1},
+                "packed": {"dtype": "int16", "scale_factor": 0.5, "_FillValue": -99}}  # fmt: skip
+    encoded.to_netcdf(path, mode="a", group="encoded", engine="h5netcdf", encoding=encoding)
+    xr.Dataset({"x": ("i", [1.0, 2.0])}, coords={"label": ("i", ["p", "q"])}).to_netcdf(
+        path, mode="a", group="coordinates", engine="h5netcdf"
+    )
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_groups_read_as_xarray_reads_them(tmp_path, monkeypatch, lazy):
+    """Groups read with h5py equal xarray's reading of the same groups: values, dtypes,
+    dimensions and their order, coordinates, attributes, variable order. Only a group whose
+    structure needs xarray's backend (here a non-dimension coordinate) is opened by it."""
+    from bayesflat.trace import io
+
+    path = tmp_path / "features.nc"
+    _write_every_netcdf_feature(path)
+    by_xarray = []
+    fallback = io._open_with_xarray
+    monkeypatch.setattr(io, "_open_with_xarray",
+                        lambda p, g, s: by_xarray.append(g) or fallback(p, g, s))  # fmt: skip
+    parts, root = io.open_groups(path, lazy=lazy)
+    assert by_xarray == ["coordinates"]
+    assert list(parts) == ["coordinates", "encoded", "plain"]
+    with xr.open_dataset(path, engine="h5netcdf") as stored:
+        assert xr.Dataset(attrs=root).identical(xr.Dataset(attrs=stored.attrs))
+    for name, read in parts.items():
+        with xr.open_dataset(path, group=name, engine="h5netcdf") as stored:
+            expected = stored.load()
+        assert read.identical(expected), name
+        assert list(read.variables) == list(expected.variables), name
+        assert list(read.coords) == list(expected.coords), name
+        assert dict(read.sizes) == dict(expected.sizes), name
+        for variable in expected.variables:
+            assert read[variable].dtype == expected[variable].dtype, (name, variable)
+            assert read[variable].dims == expected[variable].dims, (name, variable)
+    assert parts["plain"]["word"].values.tolist() == ["a", "bb", "ccc"]
+    assert parts["plain"]["flag"].dtype == bool
+    assert np.isnan(parts["encoded"]["masked"].values[1])
+    if lazy:  # the numbers are read from the file when used, through the trace's handle
+        variable = parts["plain"].variables["f32"]
+        assert not isinstance(variable._data, np.ndarray)
+        assert np.array_equal(variable[1].values, np.arange(3, 6, dtype=np.float32))
+        parts["plain"].close()
+
+
 def test_arviz_reads_saved_file(trace, tmp_path):
     path = T.save(trace, tmp_path / "run.nc")
     read = az.from_netcdf(path)
