@@ -484,3 +484,58 @@ def test_dataset_fast_path_through_dataloader():
     assert xb.shape == (4, 3, 6, 6) and xb.dtype == torch.float32 and yb.dtype == torch.int64
     with pytest.raises(ValueError, match="differ in length"):
         ImageDataset(ds.images, ds.labels[:3])
+
+
+# -- scikit-learn's data without importing scikit-learn -----------------------------------------
+
+
+@pytest.mark.parametrize("packaged", [True, False], ids=["file", "sklearn-loader"])
+def test_packaged_digits_and_photographs_equal_scikit_learns(monkeypatch, packaged):
+    """Read from the files inside the package, or (when the files are not where they are
+    expected) through scikit-learn's loaders: the same arrays and dtypes either way."""
+    from sklearn.datasets import load_digits, load_sample_images
+
+    from bayesflat.data import packaged as p
+
+    if not packaged:
+        monkeypatch.setattr(p, "sklearn_file", lambda *parts: None)
+    pixels, labels = p.digits_table()
+    bunch = load_digits()
+    assert pixels.dtype == bunch.data.dtype and labels.dtype == bunch.target.dtype
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(labels, bunch.target)
+    photos, expected = p.sample_photographs(), load_sample_images().images
+    assert len(photos) == len(expected) == 2
+    for photo, reference in zip(photos, expected, strict=True):
+        assert photo.dtype == reference.dtype == np.uint8
+        assert np.array_equal(photo, reference)
+
+
+def test_stratified_indices_equal_train_test_split():
+    """Index for index the split scikit-learn's train_test_split makes (stratified, seeded),
+    over random class sizes, fractions and seeds, and refused in the same cases."""
+    from sklearn.model_selection import train_test_split
+
+    from bayesflat.data.packaged import stratified_indices
+
+    rng = np.random.default_rng(0)
+    compared = refused = 0
+    for _ in range(150):
+        sizes = rng.integers(1, 25, size=int(rng.integers(2, 7)))
+        labels = rng.permutation(np.repeat(np.arange(len(sizes)) * 3, sizes))
+        fraction, seed = float(rng.uniform(0.05, 0.9)), int(rng.integers(0, 2**31))
+        index = np.arange(len(labels))
+        try:
+            expected = train_test_split(
+                index, test_size=fraction, random_state=seed, stratify=labels
+            )
+        except ValueError:
+            with pytest.raises(ValueError, match="class"):
+                stratified_indices(labels, fraction, seed)
+            refused += 1
+            continue
+        for part, reference in zip(stratified_indices(labels, fraction, seed), expected,
+                                   strict=True):  # fmt: skip
+            assert part.dtype == reference.dtype
+            assert np.array_equal(part, reference), (sizes, fraction, seed)
+        compared += 1
+    assert compared >= 100 and refused >= 10  # both branches are exercised

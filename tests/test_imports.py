@@ -37,3 +37,19 @@ def test_every_public_name_resolves_and_is_listed(name):
     assert set(package.__all__) <= set(dir(package))
     with pytest.raises(AttributeError, match=rf"module '{name}' has no attribute 'nonexistent'"):
         package.nonexistent  # noqa: B018
+
+
+def test_the_embedded_data_loads_without_importing_scikit_learn():
+    """The digits split and its generated OOD sets (what ``bayesflat run`` loads) read
+    scikit-learn's files without importing it: that import costs as much as torch's."""
+    code = (
+        "import sys\n"
+        "from bayesflat import data\n"
+        "split = data.load_digits_split(val_size=0.1)\n"
+        "sets = data.ood_sets(split)\n"
+        "print(len(split.x_train), list(sets), 'sklearn' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1293", "['patches',", "'noise']", "False"]

@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from bayesflat.data.packaged import digits_table
 from bayesflat.data.split import DataSplit, check_fraction, stratified_split
 
 __all__ = ["load_digits_split"]
@@ -26,11 +27,9 @@ _DIGITS_MAX = 16.0
 
 @lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.data / _DIGITS_MAX).astype(np.float32)
-    y = bunch.target.astype(np.int64)
+    pixels, labels = digits_table()
+    x = (pixels / _DIGITS_MAX).astype(np.float32)
+    y = labels.astype(np.int64)
     x.flags.writeable = False
     y.flags.writeable = False
     return x, y

@@ -21,6 +21,7 @@ import torch
 
 from bayesflat._checks import check_int
 from bayesflat.data.digits import load_digits_split
+from bayesflat.data.packaged import sample_photographs
 from bayesflat.data.split import DataSplit
 
 __all__ = [
@@ -49,10 +50,8 @@ def _block_mean(image: np.ndarray, downscale: int) -> np.ndarray:
 @lru_cache(maxsize=4)
 def _photos(downscale: int, channels: int) -> tuple[np.ndarray, ...]:
     """The sample photographs as intensities, ``(H, W)`` grey or ``(H, W, 3)`` RGB."""
-    from sklearn.datasets import load_sample_images
-
     photos = []
-    for rgb in load_sample_images().images:
+    for rgb in sample_photographs():
         if channels == 1:
             photo = _block_mean(rgb.astype(np.float64) @ _LUMA_601 / 255.0, downscale)
         else:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bayesflat.data.packaged import stratified_indices
+
 __all__ = ["DataSplit", "DigitsData", "channel_stats"]
 
 # Images per chunk when accumulating statistics of float data: bounds the float64 copy.
@@ -288,16 +290,12 @@ def stratified_split(
     """Indices ``(kept, taken)`` of a stratified split taking ``ceil(fraction * n)`` examples.
 
     ``sklearn.model_selection.train_test_split`` with ``stratify=labels`` and
-    ``random_state=seed``: each class keeps its share in both parts, and the
-    same seed gives the same split.
+    ``random_state=seed`` (:func:`~bayesflat.data.packaged.stratified_indices`, the same
+    split without importing scikit-learn): each class keeps its share in both parts, and
+    the same seed gives the same split.
     """
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
     try:
-        kept, taken = train_test_split(
-            index, test_size=fraction, random_state=seed, stratify=labels
-        )
+        kept, taken = stratified_indices(labels, fraction, seed)
     except ValueError as err:
         raise ValueError(
             f"{argname}={fraction} cannot split {len(labels)} examples of "
