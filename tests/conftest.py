@@ -1,5 +1,8 @@
 """Settings shared by every test module."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -52,3 +55,11 @@ def p_loo(loo):
 def as_dataset(group):
     """A group of what ``az.from_netcdf`` returns, as an xarray.Dataset, on either ArviZ."""
     return group.to_dataset() if hasattr(group, "to_dataset") else group
+
+
+def python_output(code: str) -> str:
+    """Standard output of ``python -c code`` in a fresh interpreter, which must exit 0."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -2,11 +2,10 @@
 and every public name still resolves."""
 
 import importlib
-import subprocess
-import sys
 import types
 
 import pytest
+from conftest import python_output
 
 LAZY_PACKAGES = ("bayesflat.diagnostics", "bayesflat.run", "bayesflat.samplers", "bayesflat.trace")
 HEAVY = ("torch", "xarray", "pandas", "scipy", "arviz", "matplotlib", "sklearn", "h5netcdf")
@@ -20,10 +19,7 @@ def test_importing_the_packages_loads_none_of_the_heavy_dependencies():
         "import bayesflat.diagnostics.divergence, bayesflat.run.lock, bayesflat.trace.schema\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert python_output(code).strip() == "[]"
 
 
 @pytest.mark.parametrize("name", LAZY_PACKAGES)
@@ -49,7 +45,4 @@ def test_the_embedded_data_loads_without_importing_scikit_learn():
         "sets = data.ood_sets(split)\n"
         "print(len(split.x_train), list(sets), 'sklearn' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["1293", "['patches',", "'noise']", "False"]
+    assert python_output(code).split() == ["1293", "['patches',", "'noise']", "False"]

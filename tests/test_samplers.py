@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import python_output
 from torch import Tensor, nn
 
 from bayesflat import samplers
@@ -688,9 +687,6 @@ def test_samplers_do_not_load_dynamo_until_the_program_does():
         "run()\n"
         "print(sorted(set(calls)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    loaded, guarded = result.stdout.strip().splitlines()
+    loaded, guarded = python_output(code).strip().splitlines()
     assert loaded == "False"
     assert guarded == "['add_param_group', 'load_state_dict', 'state_dict', 'zero_grad']"
