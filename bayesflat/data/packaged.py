@@ -21,12 +21,13 @@ __all__ = ["digits_table", "sample_photographs", "sklearn_file", "stratified_ind
 
 
 def sklearn_file(*parts: str) -> Path | None:
-    """The file ``sklearn/<parts...>`` of the installed scikit-learn, found without importing
-    it; None when scikit-learn is not installed or does not hold that file."""
+    """The file or folder ``sklearn/<parts...>`` of the installed scikit-learn, found without
+    importing it; None when scikit-learn is not installed or does not hold it."""
     spec = importlib.util.find_spec("sklearn")
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+    roots = spec.submodule_search_locations if spec is not None else None
+    for root in roots or []:
         path = Path(root, *parts)
-        if path.is_file():
+        if path.exists():
             return path
     return None
 
@@ -48,7 +49,7 @@ def digits_table() -> tuple[np.ndarray, np.ndarray]:
 def sample_photographs() -> list[np.ndarray]:
     """The photographs of ``sklearn.datasets.load_sample_images`` (uint8 ``(H, W, 3)``, in
     file-name order: ``china.jpg``, ``flower.jpg``)."""
-    folder = sklearn_file("datasets", "images", "README.txt")
+    folder = sklearn_file("datasets", "images")
     if folder is None:
         from sklearn.datasets import load_sample_images
 
@@ -56,7 +57,7 @@ def sample_photographs() -> list[np.ndarray]:
     from PIL import Image
 
     photos = []
-    for path in sorted(folder.parent.glob("*.jpg")):
+    for path in sorted(folder.glob("*.jpg")):
         with path.open("rb") as handle:
             photos.append(np.asarray(Image.open(handle)))
     return photos

@@ -151,16 +151,16 @@ def open_groups(path: Path, *, lazy: bool = False) -> tuple[dict[str, xr.Dataset
     for name in sorted(names, key=lambda group: (order.get(group, len(schema.GROUPS)), group)):
         data = read[name]
         if data is None:
-            data = _open_with_xarray(path, name, stored)
+            data = _open_with_xarray(path, name, lazy)
         parts[name] = data
     return parts, root
 
 
-def _open_with_xarray(path: Path, group: str, stored: _StoredFile | None) -> xr.Dataset:
+def _open_with_xarray(path: Path, group: str, lazy: bool) -> xr.Dataset:
     """A group opened by xarray's h5netcdf backend, with its CF decoding."""
     data = xr.open_dataset(path, group=group, engine="h5netcdf")
-    if stored is not None:
-        return stored.adopt(group, data)
+    if lazy:
+        return data
     with data:
         data.load()
     # What the file said about storage is not part of the trace's value.
@@ -215,7 +215,11 @@ def _read_group(node: h5py.Group, stored: _StoredFile | None) -> xr.Dataset | No
         variables[name] = variable
     coords = {name: v for name, v in variables.items() if v.dims == (name,)}
     data_vars = {name: v for name, v in variables.items() if name not in coords}
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    return (
+        stored.dataset(data_vars, coords, attrs)
+        if stored is not None
+        else xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    )
 
 
 def _dimensions(node: h5py.Group, item: h5py.Dataset) -> tuple[str, ...] | None:
@@ -268,7 +272,7 @@ def _read_variable(
         and ("dtype" not in attrs or boolean)
     )
     if not plain:
-        data = stored.lazy(item.name[1:], item.shape, dtype) if stored else item[()]
+        data = stored.lazy(item.name[1:], item.shape, dtype) if stored is not None else item[()]
         return _decoded(item, xr.Variable(dims, data, attrs), stored is None)
     attrs.pop("_FillValue", None)
     attrs.pop("dtype", None)
@@ -393,9 +397,7 @@ def write_concatenated(
                     )
                     for var, (dims, dtype) in layout[name].items()
                 }
-                parts[name] = xr.Dataset(
-                    variables, coords=labels[name], attrs=_attributes(handle[name])
-                )
+                parts[name] = stored.dataset(variables, labels[name], _attributes(handle[name]))
             elif name in static:
                 parts[name] = static[name]
     return parts, file_root
@@ -492,44 +494,18 @@ class _StoredFile:
             self._handle.close()
             self._handle = None
 
+    def dataset(
+        self, data_vars: Mapping[str, Any], coords: Mapping[str, Any], attrs: dict
+    ) -> xr.Dataset:
+        """A dataset of variables read from this file; closing it closes the handle (a later
+        read opens the file again)."""
+        data = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+        data.set_close(self.close)
+        return data
+
     def lazy(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
         array = indexing.LazilyIndexedArray(_StoredArray(self, name, shape, np.dtype(dtype)))
         return indexing.MemoryCachedArray(indexing.CopyOnWriteArray(array))
-
-    def adopt(self, group: str, data: xr.Dataset) -> xr.Dataset:
-        """``data``, a group opened by xarray, with its plain numeric variables read through
-        this file's handle.
-
-        Each read through xarray's h5netcdf backend costs about 2 ms of bookkeeping (netCDF
-        dimension look-ups and padding checks) however small the slab; readers of long traces
-        make hundreds. Variables whose stored values are their values (numbers and bools, no
-        scale, offset, units or fill value other than NaN) are read here instead; the rest keep
-        xarray's decoding. Closing ``data`` closes this handle too.
-        """
-        variables = {}
-        for var, variable in data.data_vars.items():
-            if _plain(variable):
-                lazy = self.lazy(f"{group}/{var}", variable.shape, variable.dtype)
-                variables[var] = xr.Variable(
-                    variable.dims, lazy, attrs=variable.attrs, encoding=variable.encoding
-                )
-        if not variables:
-            return data
-        adopted = data.assign(variables)
-        previous = getattr(data, "_close", None)  # closes xarray's own handle
-        adopted.set_close(_Closers(self.close, *([previous] if previous is not None else [])))
-        return adopted
-
-
-class _Closers:
-    """Close callbacks run in turn (picklable, as a lazily read trace is)."""
-
-    def __init__(self, *closers: Any) -> None:
-        self.closers = closers
-
-    def __call__(self) -> None:
-        for close in self.closers:
-            close()
 
 
 class _StoredArray(BackendArray):
@@ -545,23 +521,6 @@ class _StoredArray(BackendArray):
 
     def _read(self, key: tuple[Any, ...]) -> np.ndarray:
         return self.file.read(self.name, key).astype(self.dtype, copy=False)
-
-
-def _plain(variable: xr.DataArray) -> bool:
-    """Whether xarray's decoding of a stored variable leaves its values as stored: a number
-    type stored as itself, or a bool stored as integers, with no scale, offset, units or fill
-    value other than NaN."""
-    encoding, kind = variable.encoding, variable.dtype.kind
-    stored = np.dtype(encoding.get("dtype", variable.dtype))
-    if kind not in "biuf" or (
-        stored.kind not in "biu" if kind == "b" else stored != variable.dtype
-    ):
-        return False
-    decoded = ("scale_factor", "add_offset", "units", "calendar", "missing_value")
-    if any(k in encoding or k in variable.attrs for k in decoded):
-        return False
-    fill = encoding.get("_FillValue")
-    return fill is None or (kind == "f" and bool(np.isnan(fill)))
 
 
 def _fill(dtype: Any) -> Any:
