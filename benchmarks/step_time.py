@@ -40,6 +40,12 @@ Two cases:
   - *naive loop*: a textbook per-parameter Python loop (one ``torch.randn`` per tensor, a
     ``clone`` per tensor for the backup), written here as the reference, not part of bayesflat.
 
+  The case also times, in rounds of their own, every way of drawing the P noise values that
+  torch and numpy offer (``compare_draws``): torch's ``normal_`` in float32 (bayesflat's
+  draw), in float64 and bfloat16; Box-Muller and the inverse normal CDF in torch ops; numpy's
+  ziggurat with four bit generators; the Rademacher signs; and, as bounds, the uniform random
+  numbers these start from. Each normal draw is checked against the standard normal law.
+
 One more reference runs in both cases, when the ``posteriors`` library (0.1.3, the ``bench``
 extra) is installed: ``posteriors_sgld``, its SGLD written as a posteriors user writes it, with
 a functional log posterior over a dict of the parameters,
@@ -96,6 +102,7 @@ import copy
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -107,6 +114,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -116,6 +124,7 @@ from bayesflat import samplers
 from bayesflat.models import MLP, ConvNet32
 from bayesflat.run.spec import ChainContext
 from bayesflat.samplers import coupled_sigma, langevin_noise_scale
+from bayesflat.samplers.base import fill_rademacher_
 from bayesflat.target.torch import Posterior
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -161,6 +170,9 @@ class Case:
     budget_s: float
     steps_per_round: int
     warmup: int
+    draw_rounds: tuple[int, int, float] | None = None
+    """``(min_rounds, max_rounds, budget_s)`` of the comparison of ways to draw the noise
+    (``compare_draws``), or ``None`` to leave it out."""
 
 
 REFERENCES = ("floor_sgld", "naive_sgld", "floor_fsgld", "naive_fsgld")
@@ -213,6 +225,7 @@ def cases(quick: bool) -> list[Case]:
             budget_s=0.0 if quick else 45.0,
             steps_per_round=2 if quick else 20,
             warmup=2 if quick else 50,
+            draw_rounds=(2, 2, 0.0) if quick else (30, 200, 20.0),
         ),
     ]
 
@@ -639,6 +652,211 @@ def summarise(times: dict[str, dict[str, list[float]]], baseline: str = BASELINE
     return out
 
 
+# -- where the floor comes from: ways to draw the noise -----------------------------------------
+
+DRAW_BASELINE = "torch_normal"
+NUMPY_BIT_GENERATORS = ("SFC64", "PCG64", "Philox", "MT19937")
+KS_CRITICAL = math.sqrt(-0.5 * math.log(0.001 / 2))
+"""Kolmogorov's asymptotic critical value of ``sqrt(n) D`` at level 0.001 (1.949)."""
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One way of filling a float32 buffer of ``P`` values with noise.
+
+    ``law`` is what the values follow: ``"normal"`` (a standard normal draw, what a sampler
+    needs), ``"sign"`` (independent signs, the Rademacher perturbation) or ``"bits"`` (uniform
+    random numbers only, the first half of any transform of them: a lower bound, not a draw a
+    sampler can use).
+    """
+
+    description: str
+    law: str
+    fill: Callable[[], Tensor]
+
+
+def draw_candidates(num: int, seed: int = 2) -> dict[str, Draw]:
+    """The ways of drawing ``num`` noise values that ``compare_draws`` times.
+
+    Each fills its own preallocated buffers from its own generator seeded with ``seed``, and
+    returns the float32 tensor of the ``num`` values.
+    """
+    torch_gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(num)
+    half = -(-num // 2)
+    words = torch.empty(half, dtype=torch.int64)
+    low24 = torch.empty(2 * half, dtype=torch.int32)
+    u1, angle, radius = (torch.empty(half) for _ in range(3))
+    pairs = torch.empty(2 * half)
+    uniform = torch.empty(num)
+    wide = torch.empty(num, dtype=torch.float64)
+    narrow = torch.empty(num, dtype=torch.bfloat16)
+    as_numpy = out.numpy()
+
+    def torch_normal() -> Tensor:
+        return out.normal_(generator=torch_gen)
+
+    def torch_uniform() -> Tensor:
+        return out.uniform_(generator=torch_gen)
+
+    def int64_words() -> Tensor:
+        words.random_(-(2**63), None, generator=torch_gen)
+        return words
+
+    def box_muller() -> Tensor:
+        # 32 random bits per value from int64 words (the cheapest bits torch gives), the low
+        # 24 of each as a uniform: u1 in (0, 1], angle in [0, 2 pi); then
+        # (r cos angle, r sin angle) with r = sqrt(-2 log u1) are two independent normals.
+        words.random_(-(2**63), None, generator=torch_gen)
+        torch.bitwise_and(words.view(torch.int32), 0xFFFFFF, out=low24)
+        torch.add(low24[:half], 1, out=u1).mul_(2.0**-24)
+        torch.mul(low24[half:], 2.0 * math.pi * 2.0**-24, out=angle)
+        torch.log(u1, out=radius).mul_(-2.0).sqrt_()
+        torch.cos(angle, out=pairs[:half]).mul_(radius)
+        torch.sin(angle, out=pairs[half:]).mul_(radius)
+        return pairs[:num]
+
+    def inverse_cdf() -> Tensor:
+        uniform.uniform_(2.0**-25, 1.0, generator=torch_gen)
+        return torch.special.ndtri(uniform, out=out)
+
+    def via(buffer: Tensor) -> Callable[[], Tensor]:
+        def fill() -> Tensor:
+            buffer.normal_(generator=torch_gen)
+            return out.copy_(buffer)
+
+        return fill
+
+    def numpy_normal(name: str) -> Callable[[], Tensor]:
+        gen = np.random.Generator(getattr(np.random, name)(seed))
+
+        def fill() -> Tensor:
+            gen.standard_normal(out=as_numpy, dtype=np.float32)
+            return out
+
+        return fill
+
+    def signs() -> Tensor:
+        fill_rademacher_(out, torch_gen)
+        return out
+
+    def bernoulli_signs() -> Tensor:
+        return out.bernoulli_(0.5, generator=torch_gen).mul_(2.0).sub_(1.0)
+
+    candidates = {
+        DRAW_BASELINE: Draw(
+            "torch `normal_` into the flat buffer (what bayesflat draws)", "normal", torch_normal
+        ),
+        "float64_normal": Draw(
+            "torch `normal_` in float64, copied to float32", "normal", via(wide)
+        ),
+        "bfloat16_normal": Draw(
+            "torch `normal_` in bfloat16, copied to float32", "normal", via(narrow)
+        ),
+        "box_muller_bits": Draw(
+            "Box-Muller in torch ops from int64 `random_` bits", "normal", box_muller
+        ),
+        "inverse_cdf": Draw("torch `uniform_`, then `torch.special.ndtri`", "normal", inverse_cdf),
+        **{
+            f"numpy_{name.lower()}": Draw(
+                f"numpy `Generator({name}).standard_normal(out=..., dtype=float32)` into the "
+                "buffer (ziggurat)",
+                "normal",
+                numpy_normal(name),
+            )
+            for name in NUMPY_BIT_GENERATORS
+        },
+        "rademacher": Draw("bayesflat's signs: 63 from each int64 `random_` word", "sign", signs),
+        "bernoulli_signs": Draw("`bernoulli_(0.5)`, then 2 b - 1", "sign", bernoulli_signs),
+        "torch_uniform_bits": Draw(
+            "torch `uniform_` alone: one generator call per value", "bits", torch_uniform
+        ),
+        "int64_bits": Draw(
+            "torch int64 `random_` of P/2 words alone: 32 bits per value", "bits", int64_words
+        ),
+    }
+    return candidates
+
+
+def check_draw(values: Tensor, law: str) -> dict[str, Any]:
+    """Whether ``values`` (one fill) look like the law they are meant to follow.
+
+    For ``"normal"``: the mean within 4 standard errors of 0 (``4 / sqrt(n)``), the variance
+    within 4 of its standard errors of 1 (``4 sqrt(2 / n)``), and the Kolmogorov-Smirnov
+    distance to the standard normal CDF below its 0.1% critical value ``1.949 / sqrt(n)``.
+    For ``"sign"``: every value is -1 or +1 and the mean is within ``4 / sqrt(n)`` of 0.
+    ``"bits"`` are not checked (``None``).
+    """
+    if law == "bits":
+        return {"passed": None}
+    x = values.detach().double().flatten()
+    n = x.numel()
+    mean = float(x.mean())
+    result: dict[str, Any] = {"mean": mean, "mean_bound": 4 / math.sqrt(n)}
+    passed = abs(mean) <= result["mean_bound"]
+    if law == "sign":
+        result["signs_only"] = bool(((x == 1) | (x == -1)).all())
+        result["passed"] = passed and result["signs_only"]
+        return result
+    variance = float(x.var())
+    cdf = 0.5 * (1 + torch.special.erf(x.sort().values / math.sqrt(2)))
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    distance = float(torch.maximum(ranks / n - cdf, cdf - (ranks - 1) / n).max())
+    result.update(
+        variance=variance,
+        variance_bound=4 * math.sqrt(2 / n),
+        ks_distance=distance,
+        ks_bound=KS_CRITICAL / math.sqrt(n),
+    )
+    result["passed"] = (
+        passed and abs(variance - 1) <= result["variance_bound"] and distance <= result["ks_bound"]
+    )
+    return result
+
+
+def compare_draws(
+    num: int, *, min_rounds: int, max_rounds: int, budget_s: float, steps_per_round: int
+) -> dict[str, Any]:
+    """Time every way of drawing ``num`` noise values in interleaved rounds, against torch's
+    ``normal_`` (paired per round), and check each draw's law on one fill after timing."""
+    candidates = draw_candidates(num)
+    methods = {}
+    for name, draw in candidates.items():
+        fill = draw.fill
+
+        def step(fill: Callable[[], Tensor] = fill) -> None:
+            fill()
+
+        methods[name] = Method(step, None)
+    for method in methods.values():
+        method.step()
+    times = time_rounds(
+        methods,
+        min_rounds=min_rounds,
+        max_rounds=max_rounds,
+        budget_s=budget_s,
+        steps_per_round=steps_per_round,
+    )["cpu"]
+    base = times[DRAW_BASELINE]
+    return {
+        "num_values": num,
+        "rounds": len(base),
+        "steps_per_round": steps_per_round,
+        "draws": {
+            name: {
+                "description": draw.description,
+                "law": draw.law,
+                "cpu": _summary(
+                    times[name], [t / b for t, b in zip(times[name], base, strict=True)]
+                ),
+                "check": check_draw(draw.fill(), draw.law),
+            }
+            for name, draw in candidates.items()
+        },
+        "per_round_seconds": times,
+    }
+
+
 def run_case(case: Case) -> dict[str, Any]:
     """Time and measure every method of ``case``; raw per-round times included.
 
@@ -677,6 +895,16 @@ def run_case(case: Case) -> dict[str, Any]:
             **memory[name],
         )
     passes = times.pop("passes")
+    draws = None
+    if case.draw_rounds is not None:
+        low, high, budget = case.draw_rounds
+        draws = compare_draws(
+            sum(p.numel() for p in params),
+            min_rounds=low,
+            max_rounds=high,
+            budget_s=budget,
+            steps_per_round=case.steps_per_round,
+        )
     return {
         "title": case.title,
         "batch_size": case.batch_size,
@@ -693,6 +921,7 @@ def run_case(case: Case) -> dict[str, Any]:
         "per_round_seconds": times,
         "per_round_passes": passes,
         "skipped": {n: why for n, why in missing_references().items() if n in case.methods},
+        "noise_draws": draws,
     }
 
 
@@ -770,6 +999,64 @@ def _floor_lines(case: dict[str, Any]) -> list[str]:
             f"its floor: {_verdict(s, case['rounds'], bound=1.0)}."
         )
     return [*lines, ""] if lines else []
+
+
+def _draw_lines(case: dict[str, Any]) -> list[str]:
+    """The table of ways to draw the noise, with their checks (empty if not run)."""
+    found = case.get("noise_draws")
+    if not found:
+        return []
+    sgd_ms = case["methods"][BASELINE]["cpu"]["median_ms"]
+    lines = [
+        f"### Drawing the noise: {found['num_values']:,} values",
+        "",
+        "Each way fills preallocated buffers, from its own generator; "
+        f"{found['rounds']} interleaved rounds x {_count(found['steps_per_round'], 'fill')}, "
+        "one thread, CPU time. Ratio: median over rounds of the fill time over torch "
+        "`normal_`'s in the same round. Share of a step: median fill time over the median "
+        f"`torch_sgd` step above ({sgd_ms * 1e3:.0f} us). Checks, on one fill after timing: "
+        "for a normal draw the mean within 4 standard errors of 0, the variance within 4 of "
+        "1, the Kolmogorov-Smirnov distance under its 0.1% critical value; for signs, only "
+        "+-1 and the mean. *Bits* rows make uniform random numbers only, the first half of "
+        "any normal draw built on them: bounds, not draws a sampler can use.",
+        "",
+        "| draw | law | what | us per fill (IQR) | ratio to `normal_` (IQR) "
+        "| share of an SGD step | checks |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    usable = []
+    for name, d in found["draws"].items():
+        c, check = d["cpu"], d["check"]
+        if check["passed"] is None:
+            verdict = "n/a (bits)"
+        elif d["law"] == "sign":
+            verdict = f"{'pass' if check['passed'] else 'FAIL'}: mean {check['mean']:+.4f}"
+        else:
+            verdict = (
+                f"{'pass' if check['passed'] else 'FAIL'}: mean {check['mean']:+.4f} "
+                f"(bound {check['mean_bound']:.4f}), variance {check['variance']:.4f} "
+                f"(+-{check['variance_bound']:.4f}), KS {check['ks_distance']:.4f} "
+                f"(< {check['ks_bound']:.4f})"
+            )
+        if d["law"] == "normal" and check["passed"]:
+            usable.append((c["median_ms"], name))
+        lines.append(
+            f"| `{name}` | {d['law']} | {_cell(d['description'])} "
+            f"| {c['median_ms'] * 1e3:.1f} ({c['q1_ms'] * 1e3:.1f}-{c['q3_ms'] * 1e3:.1f}) "
+            f"| {c['ratio_median']:.2f} ({c['ratio_q1']:.2f}-{c['ratio_q3']:.2f}) "
+            f"| {c['median_ms'] / sgd_ms:.2f} | {verdict} |"
+        )
+    lines.append("")
+    if usable:
+        best_ms, best = min(usable)
+        lines += [
+            f"Cheapest normal draw that passes its checks: `{best}`, {best_ms * 1e3:.1f} us, "
+            f"{best_ms / sgd_ms:.2f} of an SGD step. A sampler that adds this draw to a step "
+            f"costs at least 1 + {best_ms / sgd_ms:.2f} SGD steps unless the rest of its step "
+            "is cheaper than SGD's.",
+            "",
+        ]
+    return lines
 
 
 def _fmt_bytes(n: float) -> str:
@@ -866,6 +1153,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "",
             ]
         lines += _floor_lines(case)
+        lines += _draw_lines(case)
     lines += [
         "Passes/step: forward/backward passes per step (closure calls), mean over the timed "
         "rounds. CPU ms/step: CPU time of the benchmark thread per step (all the work runs on "

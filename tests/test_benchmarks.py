@@ -192,6 +192,54 @@ def test_methods_table_has_one_row_per_registered_method(quick_run):
     assert all(row.count("|") == width for row in rows)
 
 
+@SHARES_QUICK_RUN
+def test_noise_draws_are_timed_against_normal_and_checked(step_time, quick_run):
+    out, results = quick_run
+    mlp, cnn = results["cases"]["digits_mlp"], results["cases"]["convnet32"]
+    assert cnn["noise_draws"] is None
+    found = mlp["noise_draws"]
+    assert found["num_values"] == mlp["num_params"]
+    assert list(found["draws"]) == list(step_time.draw_candidates(4))
+    md = (out / "step_time.md").read_text()
+    assert f"### Drawing the noise: {mlp['num_params']:,} values" in md
+    for name, draw in found["draws"].items():
+        assert len(found["per_round_seconds"][name]) == found["rounds"] >= 2
+        assert math.isfinite(draw["cpu"]["median_ms"]) and draw["cpu"]["median_ms"] > 0
+        # every draw a sampler could use follows its law; the bit sources are not checked
+        assert draw["check"]["passed"] is (None if draw["law"] == "bits" else True), name
+        assert f"| `{name}` | {draw['law']} |" in md
+    assert found["draws"]["torch_normal"]["cpu"]["ratio_median"] == 1.0
+    assert "Cheapest normal draw that passes its checks: `" in md
+
+
+def test_draw_checks_reject_the_wrong_law(step_time):
+    stats = pytest.importorskip("scipy.stats")
+    n = 26_122
+    gen = torch.Generator().manual_seed(3)
+    normal = torch.randn(n, generator=gen)
+    passed = step_time.check_draw(normal, "normal")
+    assert passed["passed"]
+    # the Kolmogorov-Smirnov distance is scipy's, and the bounds are those of the docstring
+    expected = stats.kstest(normal.double().numpy(), "norm").statistic
+    assert passed["ks_distance"] == pytest.approx(expected, abs=1e-12)
+    assert passed["ks_bound"] == pytest.approx(1.9495 / math.sqrt(n), rel=1e-4)
+    assert passed["mean_bound"] == 4 / math.sqrt(n)
+    # mean 0 and variance 1, but flat: only the distribution test sees it
+    flat = (torch.rand(n, generator=gen) * 2 - 1) * math.sqrt(3)
+    wrong = step_time.check_draw(flat, "normal")
+    assert abs(wrong["mean"]) <= wrong["mean_bound"]
+    assert abs(wrong["variance"] - 1) <= wrong["variance_bound"]
+    assert not wrong["passed"] and wrong["ks_distance"] > wrong["ks_bound"]
+    # 10 standard errors of the variance too wide, 10 of the mean off
+    assert not step_time.check_draw(normal * (1 + 10 * math.sqrt(0.5 / n)), "normal")["passed"]
+    assert not step_time.check_draw(normal + 10 / math.sqrt(n), "normal")["passed"]
+    signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+    assert step_time.check_draw(signs, "sign")["passed"]
+    signs[0] = 0.0
+    assert not step_time.check_draw(signs, "sign")["passed"]
+    assert step_time.check_draw(signs, "bits") == {"passed": None}
+
+
 def test_cli_one_case_writes_into_out(step_time, tmp_path, capsys):
     step_time.main(["--quick", "--cases", "digits_mlp", "--out", str(tmp_path / "cli")])
     on_disk = json.loads((tmp_path / "cli" / "step_time.json").read_text())
