@@ -656,8 +656,8 @@ def summarise(times: dict[str, dict[str, list[float]]], baseline: str = BASELINE
 
 DRAW_BASELINE = "torch_normal"
 NUMPY_BIT_GENERATORS = ("SFC64", "PCG64", "Philox", "MT19937")
-KS_CRITICAL = math.sqrt(-0.5 * math.log(0.001 / 2))
-"""Kolmogorov's asymptotic critical value of ``sqrt(n) D`` at level 0.001 (1.949)."""
+KS_LEVEL = 0.001
+"""Level of the Kolmogorov-Smirnov check of each normal draw."""
 
 
 @dataclass(frozen=True)
@@ -783,7 +783,8 @@ def check_draw(values: Tensor, law: str) -> dict[str, Any]:
 
     For ``"normal"``: the mean within 4 standard errors of 0 (``4 / sqrt(n)``), the variance
     within 4 of its standard errors of 1 (``4 sqrt(2 / n)``), and the Kolmogorov-Smirnov
-    distance to the standard normal CDF below its 0.1% critical value ``1.949 / sqrt(n)``.
+    distance to the standard normal CDF (``scipy.stats.kstest``) at most its critical value
+    at level ``KS_LEVEL`` (``scipy.stats.kstwo``, about ``1.949 / sqrt(n)``).
     For ``"sign"``: every value is -1 or +1 and the mean is within ``4 / sqrt(n)`` of 0.
     ``"bits"`` are not checked (``None``).
     """
@@ -798,15 +799,15 @@ def check_draw(values: Tensor, law: str) -> dict[str, Any]:
         result["signs_only"] = bool(((x == 1) | (x == -1)).all())
         result["passed"] = passed and result["signs_only"]
         return result
+    from scipy import stats
+
     variance = float(x.var())
-    cdf = 0.5 * (1 + torch.special.erf(x.sort().values / math.sqrt(2)))
-    ranks = torch.arange(1, n + 1, dtype=torch.float64)
-    distance = float(torch.maximum(ranks / n - cdf, cdf - (ranks - 1) / n).max())
+    distance = float(stats.kstest(x.numpy(), "norm").statistic)
     result.update(
         variance=variance,
         variance_bound=4 * math.sqrt(2 / n),
         ks_distance=distance,
-        ks_bound=KS_CRITICAL / math.sqrt(n),
+        ks_bound=float(stats.kstwo.ppf(1 - KS_LEVEL, n)),
     )
     result["passed"] = (
         passed and abs(variance - 1) <= result["variance_bound"] and distance <= result["ks_bound"]
@@ -820,14 +821,7 @@ def compare_draws(
     """Time every way of drawing ``num`` noise values in interleaved rounds, against torch's
     ``normal_`` (paired per round), and check each draw's law on one fill after timing."""
     candidates = draw_candidates(num)
-    methods = {}
-    for name, draw in candidates.items():
-        fill = draw.fill
-
-        def step(fill: Callable[[], Tensor] = fill) -> None:
-            fill()
-
-        methods[name] = Method(step, None)
+    methods = {name: Method(draw.fill, None) for name, draw in candidates.items()}
     for method in methods.values():
         method.step()
     times = time_rounds(

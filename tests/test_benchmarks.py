@@ -222,7 +222,8 @@ def test_draw_checks_reject_the_wrong_law(step_time):
     # the Kolmogorov-Smirnov distance is scipy's, and the bounds are those of the docstring
     expected = stats.kstest(normal.double().numpy(), "norm").statistic
     assert passed["ks_distance"] == pytest.approx(expected, abs=1e-12)
-    assert passed["ks_bound"] == pytest.approx(1.9495 / math.sqrt(n), rel=1e-4)
+    assert passed["ks_bound"] == pytest.approx(stats.kstwo.ppf(0.999, n), rel=1e-12)
+    assert passed["ks_bound"] == pytest.approx(1.9495 / math.sqrt(n), rel=1e-3)
     assert passed["mean_bound"] == 4 / math.sqrt(n)
     # mean 0 and variance 1, but flat: only the distribution test sees it
     flat = (torch.rand(n, generator=gen) * 2 - 1) * math.sqrt(3)
